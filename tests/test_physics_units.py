@@ -1,0 +1,115 @@
+"""Tier 1: hand-computed counts, times and energies of single passes and segments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LLAMA_8B, MOE, make_profile
+
+from ttcsim.simulator import architecture as arch
+from ttcsim.simulator.coefficients import pass_coefficients
+from ttcsim.simulator.decode import (
+    decode_draws,
+    decode_time_per_query_s,
+    deterministic_decode,
+    segment_cost,
+)
+from ttcsim.simulator.roofline import forward_pass
+
+
+def test_llama_8b_parameter_count():
+    # Meta's model card: 8.03 B parameters.
+    assert arch.parameter_count(LLAMA_8B) == pytest.approx(8.03e9, rel=2e-3)
+    # by hand: embed+head 2*128256*4096; per layer attn 2*4096^2 + 2*4096*1024, mlp 3*4096*14336
+    per_layer = 2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    assert arch.parameter_count(LLAMA_8B) == 32 * per_layer + 2 * 128256 * 4096 + 4096
+
+
+def test_linear_flops_and_kv_bytes_by_hand():
+    matmul = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 128256 * 4096
+    assert arch.linear_flops_per_token(LLAMA_8B) == 2 * matmul
+    assert arch.kv_elements_per_token(LLAMA_8B) == 2 * 32 * 8 * 128  # 128 KiB/token in bf16
+    assert arch.attention_flops_per_token_pair(LLAMA_8B) == 4 * 32 * 32 * 128
+    assert arch.causal_pairs(4, 10) == 4 * 10 + 10  # 11+12+13+14
+
+
+def test_moe_experts_touched_and_active_params():
+    assert arch.experts_touched(MOE, 1) == pytest.approx(2.0)
+    assert arch.experts_touched(MOE, 10_000) == pytest.approx(8.0)
+    expert = 3 * 1024 * 1024
+    assert arch.parameter_count(MOE) - arch.active_parameter_count(MOE) == 4 * 6 * expert
+
+
+def test_decode_step_by_hand():
+    prof = make_profile()
+    p = prof.parameters
+    c = pass_coefficients(prof, LLAMA_8B)
+    ctx = 1000
+    w_bytes = arch.shared_weight_parameters(LLAMA_8B) * 2
+    kv_b = 2 * 32 * 8 * 128 * 2
+    t_lin = w_bytes / (3.35e12 * p.weight_stream_efficiency)  # memory-bound at batch 1
+    t_attn = ctx * kv_b / (3.35e12 * p.attention_decode_efficiency)
+    t = t_lin + t_attn + 32 * p.layer_overhead_s + p.step_overhead_s
+    e_dyn = p.hbm_energy_j_per_byte * (w_bytes + (ctx + 1) * kv_b) + p.compute_energy_j_per_flop * (
+        arch.linear_flops_per_token(LLAMA_8B) + ctx * arch.attention_flops_per_token_pair(LLAMA_8B)
+    )
+    cost = forward_pass(c, 1, ctx, ctx)
+    assert float(cost.time_s) == pytest.approx(t, rel=1e-12)
+    assert float(cost.dynamic_energy_j) == pytest.approx(e_dyn, rel=1e-12)
+    assert float(cost.energy_j) == pytest.approx(e_dyn + (p.idle_power_w + p.active_power_w) * t)
+
+
+def test_prefill_power_limit_throttles():
+    prof = make_profile(compute_energy_j_per_flop=1.2e-12)  # GEMM would need ~1.1 kW
+    c = pass_coefficients(prof, LLAMA_8B)
+    cost = forward_pass(c, 8192, 0, arch.causal_pairs(8192))
+    power = float(cost.energy_j / cost.time_s)
+    assert bool(cost.throttled)
+    assert power == pytest.approx(700.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("compute_j", [6e-13, 3e-12])  # unthrottled and throttled decode
+def test_segment_closed_form_matches_step_sum(compute_j):
+    prof = make_profile(compute_energy_j_per_flop=compute_j, hbm_energy_j_per_byte=2e-10)
+    c = pass_coefficients(prof, LLAMA_8B)
+    batch, ctx0, n = 48, 300, 257
+    steps = np.arange(n)
+    x = batch * (ctx0 + steps)
+    brute = forward_pass(c, np.full(n, batch), x, x)
+    t, e_dyn, e = segment_cost(c, batch, ctx0, n)
+    assert float(t) == pytest.approx(brute.time_s.sum(), rel=1e-10)
+    assert float(e_dyn) == pytest.approx(brute.dynamic_energy_j.sum(), rel=1e-10)
+    assert float(e) == pytest.approx(brute.energy_j.sum(), rel=1e-10)
+
+
+def test_deterministic_decode_matches_step_loop():
+    prof = make_profile()
+    c = pass_coefficients(prof, LLAMA_8B)
+    lengths = np.array([5, 17, 17, 40, 3])
+    prompt = 64
+    total_t = total_e = 0.0
+    for s in range(1, lengths.max()):
+        b = int((lengths > s).sum())
+        x = b * (prompt + s)
+        cost = forward_pass(c, b, x, x)
+        total_t += float(cost.time_s)
+        total_e += float(cost.energy_j)
+    d = deterministic_decode(c, prompt, lengths)
+    assert d.time_s == pytest.approx(total_t, rel=1e-10)
+    assert d.energy_j == pytest.approx(total_e, rel=1e-10)
+    assert d.generated_tokens == (lengths - 1).sum()
+    # per-query time: query (5,17) ends at step 16, query (17,40) at 39 = the whole phase
+    q = decode_time_per_query_s(c, prompt, lengths[:4], 2)
+    assert q[1] == pytest.approx(deterministic_decode(c, prompt, lengths[:4]).time_s)
+    assert q[0] < q[1]
+
+
+def test_decode_draws_matches_rows():
+    c = pass_coefficients(make_profile(), LLAMA_8B)
+    rng = np.random.default_rng(1)
+    mat = rng.integers(1, 300, size=(6, 8)).astype(float)
+    t, _, e, _ = decode_draws(c, 100, mat, 4)
+    for i in range(6):
+        d = deterministic_decode(c, 100, mat[i])
+        assert t[i] == pytest.approx(d.time_s, rel=1e-12)
+        assert e[i] == pytest.approx(d.energy_j, rel=1e-12)

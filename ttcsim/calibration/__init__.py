@@ -1,0 +1,1 @@
+"""Calibration: fitting profile parameters to measured traces and run records."""

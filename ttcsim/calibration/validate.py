@@ -1,0 +1,107 @@
+"""Compare predictions with measured run records.
+
+Absolute percentage error: ``APE = |pred - meas| / meas * 100`` [%].  The
+summary gives median, p90 and max over runs, for energy and latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ttcsim.calibration.records import RunRecord
+from ttcsim.errors import TtcsimError
+from ttcsim.hardware import HardwareProfile
+from ttcsim.predict import Prediction, predict
+
+
+def predict_record(run: RunRecord, profile: HardwareProfile) -> Prediction:
+    """Predict the workload a run record describes with ttcsim."""
+    reward = run.reward_model if run.reward_model and run.reward_model != run.model else None
+    try:
+        return predict(
+            hw=profile,
+            model=run.model,
+            strategy=run.strategy,
+            prompt_tokens=run.prompt_tokens,
+            output_tokens=list(run.output_tokens),
+            concurrency=run.concurrent_queries,
+            weight_dtype=run.dtype,
+            prefix_cache=run.prefix_sharing,
+            reward_model=reward,
+            percentiles=False,
+        )
+    except TtcsimError as exc:
+        raise TtcsimError(f"run {run.label}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Measured and predicted totals of one run."""
+
+    id: str
+    energy_j: float
+    energy_j_pred: float
+    latency_s: float
+    latency_s_pred: float
+
+    @property
+    def energy_ape(self) -> float:
+        """Absolute percentage error of energy [%]."""
+        return abs(self.energy_j_pred - self.energy_j) / self.energy_j * 100.0
+
+    @property
+    def latency_ape(self) -> float:
+        """Absolute percentage error of latency [%]."""
+        return abs(self.latency_s_pred - self.latency_s) / self.latency_s * 100.0
+
+
+def compare_run(run: RunRecord, profile: HardwareProfile) -> RunComparison:
+    """Predict one run; totals are for the whole run (all concurrent queries)."""
+    p = predict_record(run, profile)
+    return RunComparison(
+        id=run.label,
+        energy_j=run.energy_j,
+        energy_j_pred=p.energy_j * run.concurrent_queries,
+        latency_s=run.latency_s,
+        latency_s_pred=p.batch_latency_s,
+    )
+
+
+def summarize(errors_pct: list[float]) -> dict[str, float]:
+    """Median, p90 and max of absolute percentage errors."""
+    a = np.asarray(errors_pct, dtype=float)
+    if a.size == 0:
+        return {"median": float("nan"), "p90": float("nan"), "max": float("nan"), "n": 0}
+    return {
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
+
+
+def validate_runs(runs: list[RunRecord], profile: HardwareProfile) -> dict:
+    """Per-run comparison and a summary, as a JSON-ready dict."""
+    rows = [compare_run(r, profile) for r in runs]
+    return {
+        "hw": profile.name,
+        "calibrated_profile": profile.calibrated,
+        "runs": [
+            {
+                "id": r.id,
+                "energy_j": r.energy_j,
+                "energy_j_pred": r.energy_j_pred,
+                "energy_ape_pct": r.energy_ape,
+                "latency_s": r.latency_s,
+                "latency_s_pred": r.latency_s_pred,
+                "latency_ape_pct": r.latency_ape,
+            }
+            for r in rows
+        ],
+        "summary": {
+            "energy_ape_pct": summarize([r.energy_ape for r in rows]),
+            "latency_ape_pct": summarize([r.latency_ape for r in rows]),
+        },
+    }

@@ -1,0 +1,175 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Commands parse options, call one API function and format its result.  Every
+:class:`~ttcsim.errors.TtcsimError` becomes a one-line ``error: ...`` on
+stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from ttcsim.errors import TtcsimError
+
+
+def _friendly(fn):
+    """Turn ttcsim errors into one-line messages with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TtcsimError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _fmt_energy(j: float) -> str:
+    if j >= 3.6e6:
+        return f"{j / 3.6e6:.3f} kWh"
+    if j >= 1e4:
+        return f"{j / 1e3:.2f} kJ"
+    return f"{j:.1f} J"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ttcsim")
+def main() -> None:
+    """ttcsim: what an LLM query costs in energy, before you run it."""
+
+
+@main.command()
+@click.option("--hw", default="h100", show_default=True, help="Hardware profile name, alias or YAML path.")
+@click.option("--model", "model", default="8b", show_default=True, help="Catalog model, alias or config.json path.")
+@click.option("--strategy", default="single", show_default=True, help="single|cot, vote<N>, bon<N> (see `ttcsim strategies`).")
+@click.option("--prompt-tokens", default=512, show_default=True, type=int, help="Prompt length [tokens].")
+@click.option("--output-tokens", default="1024", show_default=True, help="Output length per sample: N, a list a,b,c or a distribution like lognormal:median=800,sigma=0.7,max=8192.")
+@click.option("--concurrency", default=1, show_default=True, type=int, help="Identical queries batched together.")
+@click.option("--tp", default=1, show_default=True, type=int, help="Tensor-parallel GPUs.")
+@click.option("--dtype", "weight_dtype", default="bf16", show_default=True, help="Weight dtype: bf16, fp16, fp8, int4.")
+@click.option("--kv-dtype", default=None, help="KV-cache dtype (default bf16; fp8 with fp8 weights).")
+@click.option("--reward-model", default=None, help="Reward model for bon<N> (default: the policy model).")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True, help="Parallel samples share the prompt's prefill.")
+@click.option("--pue", default=1.0, show_default=True, type=float, help="Facility power usage effectiveness.")
+@click.option("--carbon-g-per-kwh", default=None, type=float, help="Grid carbon intensity [gCO2/kWh].")
+@click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_friendly
+def predict(as_json: bool, **kw) -> None:
+    """Predict joules, latency and power of one query."""
+    from ttcsim.predict import predict as run_predict
+
+    r = run_predict(**kw)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=2))
+        return
+    head = f"{r.model} on {r.gpus}x {r.hw}  strategy {r.strategy}  prompt {r.prompt_tokens}  output {r.output_tokens_spec}"
+    if r.concurrency > 1:
+        head += f"  concurrency {r.concurrency}"
+    rows = [
+        ("energy per query", _fmt_energy(r.energy_j)),
+        ("  prefill", _fmt_energy(r.energy_prefill_j)),
+        ("  decode", _fmt_energy(r.energy_decode_j)),
+    ]
+    if r.energy_score_j:
+        rows.append(("  reward scoring", _fmt_energy(r.energy_score_j)))
+    rows += [
+        ("  above idle (marginal)", _fmt_energy(r.energy_dynamic_j)),
+        ("latency", f"{r.latency_s:.3f} s  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
+        ("output tokens", f"{r.output_tokens:.0f}  ({r.j_per_output_token:.3f} J/token)"),
+        ("power", f"avg {r.avg_power_w:.0f} W, peak {r.peak_power_w:.0f} W"
+         + ("  (power-limited)" if r.power_limited else "")),
+    ]
+    if r.energy_j_p50 is not None:
+        rows.append(("energy p50 / p90 / p99", " / ".join(
+            _fmt_energy(v) for v in (r.energy_j_p50, r.energy_j_p90, r.energy_j_p99))))
+        rows.append(("latency p50 / p90", f"{r.latency_s_p50:.2f} / {r.latency_s_p90:.2f} s"))
+    if r.pue != 1.0:
+        rows.append((f"facility energy (PUE {r.pue:g})", _fmt_energy(r.energy_facility_j)))
+    if r.co2_g is not None:
+        rows.append(("CO2", f"{r.co2_g:.3f} g"))
+    if r.usd is not None:
+        rows.append(("cost", f"${r.usd:.6f}"))
+    click.echo(head)
+    click.echo(_table(rows))
+    if not r.calibrated_profile:
+        click.echo(f"  note: {r.hw} uses datasheet-default parameters (not calibrated)")
+
+
+@main.group()
+def hw() -> None:
+    """Hardware profiles."""
+
+
+@hw.command("list")
+@_friendly
+def hw_list() -> None:
+    """List the shipped hardware profiles."""
+    from ttcsim.hardware import get_profile, list_profiles
+
+    click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6}  parameters")
+    for name in list_profiles():
+        p = get_profile(name)
+        d = p.datasheet
+        click.echo(
+            f"{name:<16} {','.join(p.aliases):<8} {d.hbm_bandwidth_bytes_per_s / 1e12:6.2f}TB/s "
+            f"{d.peak_flops_per_s['bf16'] / 1e12:7.0f}TFLOP/s {d.power_limit_w:5.0f}W  "
+            f"{p.provenance.parameters.status}"
+        )
+
+
+@hw.command("show")
+@click.argument("name")
+@_friendly
+def hw_show(name: str) -> None:
+    """Print one profile (name, alias or path) as YAML."""
+    from ttcsim.hardware import get_profile
+
+    click.echo(get_profile(name).to_yaml())
+
+
+@main.group()
+def models() -> None:
+    """Model catalog."""
+
+
+@models.command("list")
+@_friendly
+def models_list() -> None:
+    """List catalog models with their parameter counts."""
+    from ttcsim.models import list_models
+    from ttcsim.simulator.architecture import active_parameter_count, parameter_count
+
+    click.echo(f"{'name':<28} {'aliases':<6} {'params':>8} {'active':>8} {'layers':>6} {'kv heads':>8}")
+    for m in list_models():
+        click.echo(
+            f"{m.name:<28} {','.join(m.aliases):<6} {parameter_count(m) / 1e9:7.2f}B "
+            f"{active_parameter_count(m) / 1e9:7.2f}B {m.n_layers:>6} {m.n_kv_heads:>8}"
+        )
+
+
+@main.command("strategies")
+def strategies_cmd() -> None:
+    """List test-time-compute strategies with their cost formulas."""
+    from ttcsim.strategies import registry
+
+    for cls in registry().values():
+        click.echo(f"{cls.pattern:<14} {cls.summary}")
+        for line in cls.formula().splitlines():
+            click.echo(f"{'':<16}{line}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

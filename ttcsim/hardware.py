@@ -1,0 +1,263 @@
+"""Hardware profiles: typed, validated parameters of one GPU.
+
+A profile has three parts:
+
+* ``datasheet`` -- vendor peak figures (memory, bandwidth, FLOP/s, power
+  limit, interconnect), each with a source in ``provenance.datasheet_sources``;
+* ``parameters`` -- what the physics in :mod:`ttcsim.simulator` needs beyond
+  peaks: achieved efficiencies, fixed overheads and the power-model
+  coefficients.  They are either *datasheet defaults* (derived by a stated
+  rule from the datasheet and published measurements) or *calibrated* from an
+  NVML trace, as ``provenance.parameters.status`` says;
+* ``provenance`` -- where every number comes from.
+
+Profiles ship as one YAML file per device in :mod:`ttcsim.hardware_profiles`;
+the file name equals the profile's ``name``.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttcsim.errors import TtcsimError, UnknownNameError
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+#: Compute dtypes a profile may list peak FLOP/s for.
+COMPUTE_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
+class Datasheet(BaseModel):
+    """Vendor peak figures of one GPU (dense, no sparsity)."""
+
+    model_config = _STRICT
+
+    memory_capacity_bytes: float = Field(gt=1e9, lt=1e13, description="HBM/GDDR capacity [B]")
+    hbm_bandwidth_bytes_per_s: float = Field(gt=1e10, lt=1e14, description="memory bandwidth [B/s]")
+    peak_flops_per_s: dict[str, float] = Field(description="dense peak per compute dtype [FLOP/s]")
+    power_limit_w: float = Field(gt=10, le=3000, description="board power limit (TDP) [W]")
+    interconnect_bandwidth_bytes_per_s: float = Field(
+        gt=1e9, lt=1e13, description="GPU-to-GPU bandwidth, one direction [B/s]"
+    )
+
+    @model_validator(mode="after")
+    def _check_peaks(self) -> Datasheet:
+        if "bf16" not in self.peak_flops_per_s:
+            raise ValueError("peak_flops_per_s must list bf16")
+        for dtype, flops in self.peak_flops_per_s.items():
+            if dtype not in COMPUTE_DTYPES:
+                raise ValueError(f"peak_flops_per_s: unknown dtype {dtype!r}")
+            if not 1e12 <= flops <= 1e17:
+                raise ValueError(f"peak_flops_per_s.{dtype}={flops:g} outside [1e12, 1e17] FLOP/s")
+        return self
+
+    def peak_flops_for(self, dtype: str) -> float:
+        """Peak FLOP/s for compute dtype ``dtype``; fp16 falls back to bf16, int8 to fp8."""
+        fallbacks = {"fp16": "bf16", "int8": "fp8", "fp8": "bf16", "tf32": "bf16"}
+        key = dtype
+        while key not in self.peak_flops_per_s:
+            if key not in fallbacks:
+                raise TtcsimError(f"profile has no peak FLOP/s for dtype {dtype!r}")
+            key = fallbacks[key]
+        return self.peak_flops_per_s[key]
+
+
+class ModelParameters(BaseModel):
+    """Parameters of the roofline and power model beyond the datasheet.
+
+    Time (see :mod:`ttcsim.simulator.roofline`):
+      ``gemm_efficiency`` -- achieved / peak FLOP/s of large dense GEMMs;
+      ``weight_stream_efficiency`` -- achieved / peak bandwidth when decode
+      GEMMs stream the weights; ``attention_decode_efficiency`` -- achieved /
+      peak bandwidth reading the KV cache in decode attention;
+      ``attention_prefill_efficiency`` -- achieved / peak FLOP/s of prefill
+      (flash) attention; ``layer_overhead_s`` -- fixed time per layer per
+      forward pass (small kernels, launch gaps); ``step_overhead_s`` -- fixed
+      time per forward pass (embedding, sampling, host work).
+
+    Power (see :mod:`ttcsim.simulator.power`)::
+
+        P = idle_power_w + active_power_w
+            + hbm_energy_j_per_byte * (bytes / s)
+            + compute_energy_j_per_flop * (bf16-equivalent FLOP / s),
+
+    capped at the datasheet power limit.
+    """
+
+    model_config = _STRICT
+
+    idle_power_w: float = Field(ge=0, le=1500, description="power with nothing running [W]")
+    active_power_w: float = Field(
+        ge=0, le=1500, description="extra static power while kernels run, clocks up [W]"
+    )
+    hbm_energy_j_per_byte: float = Field(ge=0, le=1e-8, description="dynamic energy per byte [J/B]")
+    compute_energy_j_per_flop: float = Field(
+        ge=0, le=1e-10, description="dynamic energy per bf16 tensor-core FLOP [J/FLOP]"
+    )
+    gemm_efficiency: float = Field(gt=0, le=1)
+    weight_stream_efficiency: float = Field(gt=0, le=1)
+    attention_decode_efficiency: float = Field(gt=0, le=1)
+    attention_prefill_efficiency: float = Field(gt=0, le=1)
+    layer_overhead_s: float = Field(ge=0, le=1e-3, description="per layer per forward pass [s]")
+    step_overhead_s: float = Field(ge=0, le=1e-1, description="per forward pass [s]")
+    interconnect_efficiency: float = Field(gt=0, le=1, default=0.7)
+    allreduce_latency_s: float = Field(ge=0, le=1e-3, default=8e-6)
+    memory_usable_fraction: float = Field(gt=0.3, le=1.0, default=0.9)
+
+
+class CalibrationInfo(BaseModel):
+    """Where the :class:`ModelParameters` came from."""
+
+    model_config = _STRICT
+
+    status: Literal["datasheet-default", "calibrated"]
+    method: str = Field(min_length=3)
+    date: str | None = None
+    gpu_name: str | None = None
+    driver_version: str | None = None
+    trace: str | None = None
+    residuals: dict[str, float] = Field(default_factory=dict)
+    notes: str | None = None
+
+    @model_validator(mode="after")
+    def _calibrated_needs_context(self) -> CalibrationInfo:
+        if self.status == "calibrated" and not (self.date and self.gpu_name):
+            raise ValueError("a calibrated profile needs date and gpu_name in its provenance")
+        return self
+
+
+class Provenance(BaseModel):
+    """Sources for every datasheet figure and the calibration record."""
+
+    model_config = _STRICT
+
+    datasheet_sources: dict[str, str]
+    parameters: CalibrationInfo
+
+
+class HardwareProfile(BaseModel):
+    """One GPU: datasheet peaks, model parameters, provenance."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
+    display_name: str
+    vendor: Literal["nvidia", "amd", "other"]
+    aliases: list[str] = Field(default_factory=list)
+    datasheet: Datasheet
+    parameters: ModelParameters
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> HardwareProfile:
+        limit = self.datasheet.power_limit_w
+        p = self.parameters
+        if p.idle_power_w >= limit:
+            raise ValueError(f"idle_power_w {p.idle_power_w} must be below power_limit_w {limit}")
+        if p.idle_power_w + p.active_power_w >= limit:
+            raise ValueError("idle_power_w + active_power_w must be below power_limit_w")
+        required = {
+            "memory_capacity_bytes",
+            "hbm_bandwidth_bytes_per_s",
+            "power_limit_w",
+            "interconnect_bandwidth_bytes_per_s",
+        } | {f"peak_flops_per_s.{d}" for d in self.datasheet.peak_flops_per_s}
+        missing = sorted(required - set(self.provenance.datasheet_sources))
+        if missing:
+            raise ValueError(f"provenance.datasheet_sources lacks a source for {missing}")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the model parameters were fitted to measurements on this GPU."""
+        return self.provenance.parameters.status == "calibrated"
+
+    def with_parameters(
+        self, parameters: ModelParameters, info: CalibrationInfo
+    ) -> HardwareProfile:
+        """Return a copy with new model parameters and calibration record."""
+        prov = self.provenance.model_copy(update={"parameters": info})
+        return self.model_copy(update={"parameters": parameters, "provenance": prov})
+
+    def to_yaml(self) -> str:
+        """Serialise to the YAML layout the loader reads."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=100)
+
+
+def _profile_dir() -> Path:
+    return Path(str(resources.files("ttcsim.hardware_profiles")))
+
+
+@functools.cache
+def _builtin_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_profile_dir().glob("*.yaml"))}
+
+
+@functools.cache
+def _builtin_aliases() -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for name in _builtin_files():
+        for alias in load_profile_file(_builtin_files()[name]).aliases:
+            aliases[alias] = name
+    return aliases
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped with ttcsim."""
+    return list(_builtin_files())
+
+
+def load_profile_file(path: str | Path) -> HardwareProfile:
+    """Load and validate one profile YAML; errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TtcsimError(f"cannot read profile: {exc}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TtcsimError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where) from None
+    if not isinstance(data, dict):
+        raise TtcsimError("a profile must be a YAML mapping", str(path))
+    try:
+        profile = HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "profile"
+        raise TtcsimError(f"{loc}: {err['msg']}", str(path)) from None
+    if path.parent == _profile_dir() and profile.name != path.stem:
+        raise TtcsimError(f"name {profile.name!r} differs from the file name", str(path))
+    return profile
+
+
+@functools.lru_cache(maxsize=64)
+def _load_builtin(name: str) -> HardwareProfile:
+    return load_profile_file(_builtin_files()[name])
+
+
+def get_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
+    """Resolve a profile by name, alias or YAML path.
+
+    Raises :class:`~ttcsim.errors.UnknownNameError` listing the valid names.
+    """
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    key = str(name_or_path)
+    if key.endswith((".yaml", ".yml")) or "/" in key:
+        return load_profile_file(key)
+    key = key.lower()
+    files = _builtin_files()
+    key = _builtin_aliases().get(key, key)
+    if key not in files:
+        valid = list(files) + sorted(_builtin_aliases())
+        raise UnknownNameError("hardware", str(name_or_path), valid, "--hw")
+    return _load_builtin(key)

@@ -1,0 +1,1 @@
+"""Hardware profiles shipped as YAML package data, one file per device."""

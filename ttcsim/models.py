@@ -1,0 +1,163 @@
+"""Model architectures: the catalog and Hugging Face ``config.json`` files.
+
+A :class:`ModelSpec` holds what the cost model needs of a decoder-only
+transformer: layer count and widths, attention heads (GQA), FFN width, vocab,
+tied embeddings, and for mixture-of-experts models the expert counts.  Values
+in the catalog (``ttcsim/data/models.yaml``) are transcribed from each
+model's published ``config.json``; the entry's ``source`` names it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ttcsim.errors import TtcsimError, UnknownNameError
+
+
+class ModelSpec(BaseModel):
+    """Architecture of a decoder-only transformer (dense or MoE)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    family: str = "llama"
+    n_layers: int = Field(ge=1, le=1000)
+    hidden_size: int = Field(ge=16, le=131072)
+    n_heads: int = Field(ge=1, le=1024)
+    n_kv_heads: int = Field(ge=1, le=1024)
+    head_dim: int = Field(ge=8, le=1024)
+    intermediate_size: int = Field(ge=16, le=1048576, description="dense FFN width")
+    vocab_size: int = Field(ge=2, le=10_000_000)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = Field(default=False, description="bias on q/k/v projections (Qwen2)")
+    n_experts: int = Field(default=0, ge=0, le=4096, description="routed experts; 0 = dense")
+    n_active_experts: int = Field(default=0, ge=0, le=4096, description="experts per token")
+    moe_intermediate_size: int | None = Field(default=None, ge=16, le=1048576)
+    n_shared_experts: int = Field(default=0, ge=0, le=64)
+    max_context_tokens: int = Field(default=131072, ge=128, le=10_000_000)
+    source: str = "user config"
+
+    @model_validator(mode="after")
+    def _checks(self) -> ModelSpec:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.n_experts:
+            if not 1 <= self.n_active_experts <= self.n_experts:
+                raise ValueError("need 1 <= n_active_experts <= n_experts for an MoE model")
+        elif self.n_active_experts:
+            raise ValueError("n_active_experts set on a dense model (n_experts = 0)")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the FFN is a mixture of experts."""
+        return self.n_experts > 0
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """FFN width of one routed expert."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog() -> dict[str, ModelSpec]:
+    text = resources.files("ttcsim").joinpath("data/models.yaml").read_text(encoding="utf-8")
+    entries = yaml.safe_load(text)["models"]
+    return {e["name"]: ModelSpec.model_validate(e) for e in entries}
+
+
+@functools.lru_cache(maxsize=1)
+def _aliases() -> dict[str, str]:
+    return {a: m.name for m in _catalog().values() for a in m.aliases}
+
+
+def list_models() -> list[ModelSpec]:
+    """All catalog models, in catalog order."""
+    return list(_catalog().values())
+
+
+def _int(cfg: dict, *keys: str, default: int | None = None) -> int:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return int(cfg[k])
+    if default is None:
+        raise KeyError(keys[0])
+    return default
+
+
+def spec_from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
+    """Build a :class:`ModelSpec` from a Hugging Face ``config.json`` mapping.
+
+    Reads the Llama/Qwen/Mistral/Mixtral key names (``num_hidden_layers``,
+    ``num_key_value_heads``, ``num_local_experts`` / ``num_experts``,
+    ``num_experts_per_tok``, ``moe_intermediate_size``, ...).
+    """
+    if "text_config" in cfg and isinstance(cfg["text_config"], dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model")
+    n_heads = _int(cfg, "num_attention_heads", "n_head")
+    n_experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    return ModelSpec(
+        name=name,
+        family=str(cfg.get("model_type", "llama")),
+        n_layers=_int(cfg, "num_hidden_layers", "n_layer"),
+        hidden_size=hidden,
+        n_heads=n_heads,
+        n_kv_heads=_int(cfg, "num_key_value_heads", default=n_heads),
+        head_dim=_int(cfg, "head_dim", default=hidden // n_heads),
+        intermediate_size=_int(cfg, "intermediate_size", "ffn_dim", default=4 * hidden),
+        vocab_size=_int(cfg, "vocab_size"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        n_experts=n_experts,
+        n_active_experts=_int(cfg, "num_experts_per_tok", default=0) if n_experts else 0,
+        moe_intermediate_size=cfg.get("moe_intermediate_size"),
+        n_shared_experts=_int(cfg, "n_shared_experts", default=0),
+        max_context_tokens=_int(cfg, "max_position_embeddings", default=131072),
+        source=f"config.json ({name})",
+    )
+
+
+def load_hf_config(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face ``config.json``; errors name the file."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TtcsimError(f"cannot read config: {exc}", str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise TtcsimError(f"invalid JSON ({exc.msg})", f"{path}:{exc.lineno}") from None
+    if not isinstance(cfg, dict):
+        raise TtcsimError("config.json must hold a JSON object", str(path))
+    try:
+        return spec_from_hf_config(cfg, name=path.parent.name or path.stem)
+    except KeyError as exc:
+        raise TtcsimError(f"missing key {exc.args[0]!r}", str(path)) from None
+    except (ValidationError, TypeError, ValueError) as exc:
+        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise TtcsimError(f"unusable config: {msg}", str(path)) from None
+
+
+def get_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
+    """Resolve a catalog name, size alias or ``config.json`` path to a spec."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path
+    key = str(name_or_path)
+    if key.endswith(".json") or "/" in key:
+        p = Path(key)
+        return load_hf_config(p / "config.json" if p.is_dir() else p)
+    low = key.lower()
+    low = _aliases().get(low, low)
+    if low not in _catalog():
+        valid = list(_catalog()) + sorted(_aliases())
+        raise UnknownNameError("model", key, valid, "--model")
+    return _catalog()[low]

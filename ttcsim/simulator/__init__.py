@@ -1,0 +1,1 @@
+"""Pure physics: FLOPs, bytes, times, power and energy of LLM inference."""

@@ -1,0 +1,104 @@
+"""Per-GPU coefficients of one (hardware, model, dtype, tensor-parallel) deployment.
+
+:func:`pass_coefficients` folds a :class:`~ttcsim.hardware.HardwareProfile` and a
+:class:`~ttcsim.models.ModelSpec` into the handful of numbers the forward-pass
+cost needs, so the hot functions in :mod:`ttcsim.simulator.roofline` take only
+floats or numpy arrays (and so broadcast over scenarios).  All quantities are
+per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
+``tp`` ways (Megatron-style column/row sharding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ttcsim.hardware import HardwareProfile
+from ttcsim.models import ModelSpec
+from ttcsim.simulator import architecture as arch
+from ttcsim.units import COMPUTE_DTYPE, dtype_bytes
+
+#: Activations and all-reduce payloads are bf16.
+ACTIVATION_BYTES = 2.0
+
+
+@dataclass(frozen=True)
+class PassCoefficients:
+    """Numbers that fix the cost of a forward pass on one GPU of a ``tp``-way group."""
+
+    n_gpus: int
+    n_layers: int
+    hidden_size: int
+    n_experts: int
+    n_active_experts: int
+    shared_weight_bytes: float  #: weights read by every pass [B]
+    expert_bytes: float  #: one routed expert across all layers [B]
+    linear_flops_per_token: float  #: [FLOP/token]
+    kv_bytes_per_token: float  #: K+V, all layers [B/token]
+    attention_flops_per_pair: float  #: [FLOP/(query*key)]
+    weight_bandwidth_bytes_per_s: float  #: achieved when streaming weights
+    attention_bandwidth_bytes_per_s: float  #: achieved when reading KV
+    gemm_flops_per_s: float  #: achieved dense GEMM rate in the weight dtype
+    attention_flops_per_s: float  #: achieved (flash) attention rate, bf16
+    fixed_time_per_pass_s: float  #: ``L * layer_overhead_s + step_overhead_s``
+    allreduce_time_per_token_s: float  #: payload part of the per-pass all-reduces
+    allreduce_fixed_s: float  #: latency part of the per-pass all-reduces
+    idle_power_w: float
+    static_power_w: float  #: ``idle_power_w + active_power_w``
+    power_limit_w: float
+    energy_per_byte_j: float
+    energy_per_linear_flop_j: float  #: scaled to the weight dtype's tensor-core rate
+    energy_per_attention_flop_j: float
+    memory_capacity_bytes: float  #: usable per GPU
+    weight_bytes_total: float  #: all weights on this GPU (every expert)
+
+
+def pass_coefficients(
+    profile: HardwareProfile,
+    spec: ModelSpec,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    tp: int = 1,
+) -> PassCoefficients:
+    """Fold profile and model into :class:`PassCoefficients`.
+
+    Energy per FLOP in a dtype whose peak rate is ``r`` times bf16's is the bf16
+    figure divided by ``r`` (same power at each dtype's peak).  The per-pass
+    all-reduce model is a ring: ``2 * L`` all-reduces of ``T * H`` activations,
+    each ``latency + 2 * (tp - 1) / tp * bytes / (B_link * efficiency)``.
+    """
+    ds, p = profile.datasheet, profile.parameters
+    w_bytes = dtype_bytes(weight_dtype)
+    compute_dtype = COMPUTE_DTYPE[weight_dtype]
+    peak_bf16 = ds.peak_flops_per_s["bf16"]
+    peak_w = ds.peak_flops_for(compute_dtype)
+    link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
+    ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
+    n_allreduce = 2 * spec.n_layers if tp > 1 else 0
+    return PassCoefficients(
+        n_gpus=tp,
+        n_layers=spec.n_layers,
+        hidden_size=spec.hidden_size,
+        n_experts=spec.n_experts,
+        n_active_experts=spec.n_active_experts,
+        shared_weight_bytes=arch.shared_weight_parameters(spec) * w_bytes / tp,
+        expert_bytes=spec.n_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
+        linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
+        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / tp,
+        attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
+        weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
+        attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
+        * p.attention_decode_efficiency,
+        gemm_flops_per_s=peak_w * p.gemm_efficiency,
+        attention_flops_per_s=peak_bf16 * p.attention_prefill_efficiency,
+        fixed_time_per_pass_s=spec.n_layers * p.layer_overhead_s + p.step_overhead_s,
+        allreduce_time_per_token_s=n_allreduce * ring * spec.hidden_size * ACTIVATION_BYTES / link,
+        allreduce_fixed_s=n_allreduce * p.allreduce_latency_s,
+        idle_power_w=p.idle_power_w,
+        static_power_w=p.idle_power_w + p.active_power_w,
+        power_limit_w=ds.power_limit_w,
+        energy_per_byte_j=p.hbm_energy_j_per_byte,
+        energy_per_linear_flop_j=p.compute_energy_j_per_flop * peak_bf16 / peak_w,
+        energy_per_attention_flop_j=p.compute_energy_j_per_flop,
+        memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
+        weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,
+    )

@@ -1,0 +1,255 @@
+"""Decode phases: a batch of sequences that shrinks as sequences finish.
+
+Convention: a sequence with ``L`` output tokens gets its first token from the
+prefill pass and ``L - 1`` decode steps.  At decode step ``s`` (1-based) every
+active sequence attends over ``P + s`` tokens (its prompt ``P`` and ``s``
+generated tokens), so a step with batch ``b`` has::
+
+    tokens = b,   kv_read_tokens = attention_pairs = x = b * (P + s)
+
+and, from :mod:`ttcsim.simulator.roofline`, an unthrottled time and a dynamic
+energy that are affine in ``x`` for fixed ``b``::
+
+    t(x) = t0(b) + a * x,      E_dyn(x) = e0(b) + e1 * x
+
+The throttled step time is ``max(t(x), E_dyn(x) / (P_max - P_static))``.  Over a
+run of steps with a fixed batch, ``x`` is an arithmetic progression, so each
+segment's totals are summed in closed form (:func:`segment_cost`): the cost of
+a decode phase is O(#distinct lengths), never O(tokens).
+
+Random lengths: with ``n`` i.i.d. lengths of survival function
+``S(s) = P(L > s)``, the batch at step ``s`` is ``B(s) ~ Binomial(n, S(s))``, so
+the exact expected cost is ``sum_s sum_b P(B(s) = b) * cost(b, s)``
+(:func:`expected_decode`).  This is the order-statistics expectation: the
+longest sample sets the duration and energy is never evaluated at the mean
+length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.roofline import (
+    attention_time_per_pair_s,
+    fixed_time_s,
+    forward_pass,
+    linear_time_s,
+    weight_bytes_read,
+)
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """Totals of a decode phase (per phase, all GPUs)."""
+
+    time_s: float
+    dynamic_energy_j: float
+    energy_j: float
+    decode_steps: float
+    generated_tokens: float  #: tokens produced by decode steps (excludes prefill's first)
+
+
+def _sum_positive_affine(d0, d1, n):
+    """``sum_{k=0}^{n-1} max(0, d0 + d1*k)``, elementwise (closed form)."""
+    d0, d1, n = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (d0, d1, n)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.where(d1 != 0, -d0 / np.where(d1 != 0, d1, 1.0), 0.0)
+    # d1 > 0: positive for k > root;  d1 < 0: positive for k < root.
+    start = np.where(d1 > 0, np.clip(np.floor(root) + 1, 0, n), 0.0)
+    stop = np.where(d1 < 0, np.clip(np.ceil(root), 0, n), n)
+    flat = d1 == 0
+    start = np.where(flat, np.where(d0 > 0, 0.0, n), start)
+    stop = np.where(flat, n, stop)
+    m = np.maximum(stop - start, 0.0)
+    sum_k = m * (start + stop - 1.0) / 2.0
+    return m * d0 + d1 * sum_k
+
+
+def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
+    """Totals of ``n_steps`` decode steps at fixed ``batch`` (closed form, broadcasting).
+
+    ``first_context_tokens`` is ``P + s`` at the segment's first step; context
+    grows by one per sequence per step, so ``x_k = b * (P + s + k)``.
+
+    Returns ``(time_s, dynamic_energy_j, energy_j)`` arrays; energies summed over GPUs.
+    """
+    b = np.asarray(batch, dtype=float)
+    n = np.asarray(n_steps, dtype=float)
+    x0 = b * np.asarray(first_context_tokens, dtype=float)
+    dx = b
+    a = attention_time_per_pair_s(c)
+    t0 = linear_time_s(c, b) + fixed_time_s(c, b)
+    e0 = (
+        c.energy_per_byte_j * (weight_bytes_read(c, b) + b * c.kv_bytes_per_token)
+        + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
+    )
+    e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
+        c.energy_per_attention_flop_j * c.attention_flops_per_pair
+    )
+    headroom = max(c.power_limit_w - c.static_power_w, 1e-9)
+    # step k: f(k) = t0 + a*(x0 + k*dx);  g(k) = (e0 + e1*(x0 + k*dx)) / headroom
+    sum_k = n * (n - 1.0) / 2.0
+    time_unthrottled = n * (t0 + a * x0) + a * dx * sum_k
+    d0 = (e0 + e1 * x0) / headroom - (t0 + a * x0)
+    d1 = (e1 / headroom - a) * dx
+    time = time_unthrottled + _sum_positive_affine(d0, d1, n)
+    e_dyn = n * (e0 + e1 * x0) + e1 * dx * sum_k
+    active = (b > 0) & (n > 0)
+    time = np.where(active, time, 0.0)
+    e_dyn = np.where(active, e_dyn, 0.0)
+    return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
+
+
+def deterministic_decode(c: PassCoefficients, prompt_tokens: float, output_tokens) -> DecodeCost:
+    """Decode of sequences with known lengths ``output_tokens`` (one per sequence)."""
+    steps = np.sort(np.maximum(np.asarray(output_tokens, dtype=float) - 1.0, 0.0))
+    n = steps.size
+    bounds = np.concatenate([[0.0], steps])
+    seg_steps = np.diff(bounds)
+    batch = n - np.arange(n)  # sequences still running in segment j
+    first_ctx = prompt_tokens + bounds[:-1] + 1.0
+    t, e_dyn, e = segment_cost(c, batch, first_ctx, seg_steps)
+    return DecodeCost(
+        time_s=float(t.sum()),
+        dynamic_energy_j=float(e_dyn.sum()),
+        energy_j=float(e.sum()),
+        decode_steps=float(steps[-1]) if n else 0.0,
+        generated_tokens=float(steps.sum()),
+    )
+
+
+def decode_time_per_query_s(
+    c: PassCoefficients, prompt_tokens: float, output_tokens, samples_per_query: int
+) -> np.ndarray:
+    """Decode time until each query's last sample finishes [s], for known lengths.
+
+    ``output_tokens`` is ordered query by query (``samples_per_query`` each).
+    """
+    lengths = np.asarray(output_tokens, dtype=float)
+    steps = np.sort(np.maximum(lengths - 1.0, 0.0))
+    n = steps.size
+    bounds = np.concatenate([[0.0], steps])
+    t, _, _ = segment_cost(c, n - np.arange(n), prompt_tokens + bounds[:-1] + 1.0, np.diff(bounds))
+    cumulative = np.cumsum(t)
+    last = np.maximum(lengths.reshape(-1, samples_per_query) - 1.0, 0.0).max(axis=1)
+    idx = np.searchsorted(steps, last, side="right") - 1
+    return np.where(last > 0, cumulative[np.clip(idx, 0, n - 1)], 0.0)
+
+
+#: Step grids longer than this are integrated in blocks (see expected_decode).
+MAX_EXACT_STEPS = 16384
+#: Binomial window half-width in standard deviations for large batches.
+WINDOW_SIGMAS = 9.0
+
+
+def _binomial_grid(n: int, survival: np.ndarray):
+    """Batch values and probabilities per step: exact for small ``n``, windowed for large."""
+    if n <= 128:
+        b = np.arange(n + 1, dtype=float)[None, :].repeat(survival.size, axis=0)
+    else:
+        mu = n * survival
+        sd = np.sqrt(n * survival * (1 - survival))
+        width = int(np.ceil(2 * WINDOW_SIGMAS * sd.max() + 6))
+        width = min(width, n + 1)
+        lo = np.clip(np.floor(mu - WINDOW_SIGMAS * sd - 3), 0, n + 1 - width)
+        b = lo[:, None] + np.arange(width)[None, :]
+    from scipy import stats  # lazy: keeps fixed-length predictions free of scipy's import time
+
+    pmf = stats.binom.pmf(b, n, survival[:, None])
+    return b, pmf
+
+
+def expected_decode(
+    c: PassCoefficients,
+    prompt_tokens: float,
+    survival: np.ndarray,
+    n_sequences: int,
+    samples_per_query: int,
+):
+    """Expected decode cost for ``n_sequences`` i.i.d. random lengths.
+
+    ``survival[s-1] = P(L > s)`` for decode steps ``s = 1 .. len(survival)``;
+    it must reach (near) 0 by its end.  Returns ``(DecodeCost, query_time_s)``
+    where ``query_time_s`` is the expected decode time until one query's
+    ``samples_per_query`` samples have all finished::
+
+        E[T_q] = sum_s sum_b [P_n(b) - F(s)^N * P_{n-N}(b)] * t(b, s)
+
+    (the query is still running at step ``s`` unless all its ``N`` samples are
+    done, in which case the batch holds only the other ``n - N`` sequences).
+
+    Grids longer than :data:`MAX_EXACT_STEPS` are integrated in equal blocks of
+    steps evaluated at the block centre (the cost is affine in ``s`` within a
+    block at fixed batch; only ``S(s)``'s variation inside a block is lost).
+    """
+    survival = np.asarray(survival, dtype=float)
+    n_steps = survival.size
+    block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
+    if block > 1:
+        n_blocks = int(np.ceil(n_steps / block))
+        pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
+        centre = np.arange(n_blocks) * block + (block + 1) / 2.0
+        surv = pad.reshape(n_blocks, block).mean(axis=1)
+        steps_s, weight = centre, np.full(n_blocks, float(block))
+    else:
+        surv, steps_s, weight = survival, np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
+
+    def grid_cost(n: int):
+        b, pmf = _binomial_grid(n, surv)
+        ctx = b * (prompt_tokens + steps_s[:, None])
+        cost = forward_pass(c, b, ctx, ctx)
+        return b, pmf, cost
+
+    b, pmf, cost = grid_cost(n_sequences)
+    w = pmf * weight[:, None]
+    time_s = float((w * cost.time_s).sum())
+    e_dyn = float((w * cost.dynamic_energy_j).sum())
+    energy = float((w * cost.energy_j).sum())
+    tokens = float((w * b).sum())
+    steps = float((weight * (1.0 - (1.0 - surv) ** n_sequences)).sum())
+    query_time = time_s
+    others = n_sequences - samples_per_query
+    if others > 0:
+        _, pmf_o, cost_o = grid_cost(others)
+        all_done = (1.0 - surv) ** samples_per_query
+        query_time = time_s - float(
+            (weight[:, None] * all_done[:, None] * pmf_o * cost_o.time_s).sum()
+        )
+    return (
+        DecodeCost(
+            time_s=time_s,
+            dynamic_energy_j=e_dyn,
+            energy_j=energy,
+            decode_steps=steps,
+            generated_tokens=tokens,
+        ),
+        query_time,
+    )
+
+
+def decode_draws(c: PassCoefficients, prompt_tokens: float, lengths: np.ndarray, samples: int):
+    """Decode cost for each row of a ``(draws, n)`` matrix of known lengths (vectorised).
+
+    Returns ``(time_s, dynamic_energy_j, energy_j, query_time_s)``; the first three
+    have shape ``(draws,)``, ``query_time_s`` has ``(draws, n / samples)``.
+    """
+    lengths = np.atleast_2d(np.asarray(lengths, dtype=float))
+    draws, n = lengths.shape
+    steps = np.sort(np.maximum(lengths - 1.0, 0.0), axis=1)
+    bounds = np.concatenate([np.zeros((draws, 1)), steps], axis=1)
+    batch = (n - np.arange(n))[None, :]
+    t, e_dyn, e = segment_cost(
+        c, batch, prompt_tokens + bounds[:, :-1] + 1.0, np.diff(bounds, axis=1)
+    )
+    cumulative = np.cumsum(t, axis=1)
+    last = np.maximum(lengths.reshape(draws, -1, samples) - 1.0, 0.0).max(axis=2)
+    idx = np.clip(
+        np.array([np.searchsorted(steps[i], last[i], side="right") - 1 for i in range(draws)]),
+        0,
+        n - 1,
+    )
+    q_time = np.where(last > 0, np.take_along_axis(cumulative, idx, axis=1), 0.0)
+    return t.sum(axis=1), e_dyn.sum(axis=1), e.sum(axis=1), q_time
