@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -169,6 +170,165 @@ def strategies_cmd() -> None:
         click.echo(f"{cls.pattern:<14} {cls.summary}")
         for line in cls.formula().splitlines():
             click.echo(f"{'':<16}{line}")
+
+
+def _resolve_hw_for_runs(hw_opt: str | None, runs):
+    from ttcsim.hardware import get_profile, profile_name_for_gpu
+
+    if hw_opt:
+        return get_profile(hw_opt)
+    names = {r.hw for r in runs}
+    if len(names) != 1:
+        raise TtcsimError(f"runs come from several GPUs {sorted(names)}; pass --hw", "--hw")
+    name = names.pop()
+    try:
+        return get_profile(name)
+    except TtcsimError:
+        guess = profile_name_for_gpu(name)
+        if guess is None:
+            raise TtcsimError(f"no profile matches GPU {name!r}; pass --hw", "--hw") from None
+        return get_profile(guess)
+
+
+@main.command()
+@click.option("--runs", "runs_path", required=True, type=click.Path(dir_okay=False), help="Run records (JSONL).")
+@click.option("--hw", default=None, help="Profile name or YAML path (default: from the records' hw).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
+    """Compare predictions with measured run records."""
+    from ttcsim.calibration.records import read_runs
+    from ttcsim.calibration.validate import validate_runs
+
+    runs = read_runs(runs_path)
+    profile = _resolve_hw_for_runs(hw, runs)
+    report = validate_runs(runs, profile)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_validation(report)
+
+
+def _print_validation(report: dict) -> None:
+    status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
+    click.echo(f"profile {report['hw']} ({status}), {len(report['runs'])} runs")
+    click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
+    for r in report["runs"]:
+        click.echo(
+            f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
+            f"{r['energy_ape_pct']:5.1f}%  {r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} "
+            f"{r['latency_ape_pct']:5.1f}%"
+        )
+    for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency")):
+        s = report["summary"][key]
+        click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
+
+
+@main.group()
+def calibrate() -> None:
+    """Calibrate a hardware profile (on a GPU, or from your own measurements)."""
+
+
+@calibrate.command("fit")
+@click.option("--runs", "runs_path", type=click.Path(dir_okay=False), help="Run records (JSONL) to fit.")
+@click.option("--trace", "trace_csv", type=click.Path(dir_okay=False), help="nvidia-smi power CSV.")
+@click.option("--energy", "energy_jsonl", type=click.Path(dir_okay=False), help="Energy-counter samples (JSONL).")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Request log (JSONL) for --trace/--energy.")
+@click.option("--base", required=True, help="Profile to start from (name or YAML).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML to write.")
+@click.option("--params", default=None, help="Comma list of parameters to fit (default: all fittable).")
+@click.option("--prior-weight", default=0.02, show_default=True, type=float, help="Pull towards the base profile.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_friendly
+def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, out_path, params, prior_weight, force) -> None:
+    """Fit a profile from 3-8 run records, or from a raw trace plus a request log."""
+    from ttcsim.calibration.fit import fit_runs
+    from ttcsim.calibration.records import read_runs
+    from ttcsim.calibration.traces import runs_from_trace
+    from ttcsim.hardware import get_profile
+    from ttcsim.io import atomic_write_text
+
+    if bool(runs_path) == bool(log_path):
+        raise TtcsimError("give either --runs, or --log with --trace and/or --energy")
+    if not force and Path(out_path).exists():
+        raise TtcsimError("exists; pass --force to overwrite", out_path)
+    if runs_path:
+        runs = read_runs(runs_path)
+    else:
+        runs = runs_from_trace(log_path, trace_csv, energy_jsonl)
+    names = [p.strip() for p in params.split(",")] if params else None
+    profile, report = fit_runs(runs, get_profile(base), names, prior_weight)
+    atomic_write_text(out_path, profile.to_yaml())
+    click.echo(f"fitted {len(runs)} runs -> {out_path}")
+    for k, v in report.parameters_after.items():
+        before = report.parameters_before[k]
+        if before != v:
+            click.echo(f"  {k:<30} {before:12.4g} -> {v:12.4g}")
+    click.echo("  residuals: " + ", ".join(f"{k} {v:.2f}" for k, v in report.residuals_pct.items()))
+
+
+@calibrate.command("run")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML to write.")
+@click.option("--gpu", "gpu_index", default=0, show_default=True, type=int, help="GPU index.")
+@click.option("--base", default=None, help="Profile to start from (default: matched to the GPU's name).")
+@click.option("--budget-s", default=150.0, show_default=True, type=float, help="GPU time for microbenchmarks.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_friendly
+def calibrate_run(out_path: str, gpu_index: int, base: str | None, budget_s: float, force: bool) -> None:
+    """Measure this GPU with NVML and write a calibrated profile (needs an NVIDIA GPU)."""
+    from ttcsim.calibration.session import calibrate_on_gpu
+
+    profile, report, trace_dir = calibrate_on_gpu(out_path, gpu_index, base, budget_s, force)
+    click.echo(f"wrote {out_path} (trace in {trace_dir})")
+    for k, v in report.residuals_pct.items():
+        click.echo(f"  {k}: {v:.2f}")
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Catalog model or config.json path.")
+@click.option("--strategy", default="single", show_default=True, help="single, vote<N> or bon<N>.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=int)
+@click.option("--output-tokens", default="256", show_default=True, help="Length spec; distributions are sampled with --seed.")
+@click.option("--concurrency", default=1, show_default=True, type=int)
+@click.option("--reward-model", default=None, help="Reward model for bon<N>.")
+@click.option("--no-prefix-cache", is_flag=True, help="Prefill the prompt once per sample.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--gpu", "gpu_index", default=0, show_default=True, type=int)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Run records JSONL (appended).")
+@_friendly
+def measure(**kw) -> None:
+    """Run the reference decoder on this GPU and append a measured run record."""
+    from ttcsim.calibration.session import measure_one
+
+    record = measure_one(**kw)
+    click.echo(f"{record['id']}: {record['energy_j']:.1f} J in {record['latency_s']:.3f} s -> {kw['out_path']}")
+
+
+#: Feature modules whose ``COMMANDS`` list is added to the main group.  Each
+#: imports only click at module level, so start-up stays fast.
+_COMMAND_MODULES = (
+    "ttcsim.commands.curves",
+    "ttcsim.commands.plan",
+    "ttcsim.commands.tradeoffs",
+    "ttcsim.commands.sweep",
+)
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

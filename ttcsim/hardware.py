@@ -261,3 +261,29 @@ def get_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
         valid = list(files) + sorted(_builtin_aliases())
         raise UnknownNameError("hardware", str(name_or_path), valid, "--hw")
     return _load_builtin(key)
+
+
+def profile_name_for_gpu(gpu_name: str) -> str | None:
+    """Best shipped profile for an NVML/vendor device name, e.g. ``NVIDIA H100 80GB HBM3``.
+
+    Returns None when no profile matches.
+    """
+    n = gpu_name.lower().replace("-", " ")
+    rules = [
+        ("h200", "h200-sxm-141gb"),
+        ("b200", "b200"),
+        ("mi300x", "mi300x"),
+        ("l40s", "l40s"),
+        ("h100 nvl", "h100-nvl-94gb"),
+        ("h100 pcie", "h100-pcie-80gb"),
+        ("h100", "h100-sxm-80gb"),
+        ("a100 pcie", "a100-pcie-80gb"),
+        ("a100 sxm4 40gb", "a100-sxm-40gb"),
+        ("a100 40gb", "a100-sxm-40gb"),
+        ("a100", "a100-sxm-80gb"),
+        (" l4", "l4"),
+    ]
+    for key, name in rules:
+        if key in f" {n}":
+            return name if name in _builtin_files() else None
+    return None

@@ -47,7 +47,7 @@ RUN_FIT_BOUNDS: dict[str, tuple[float, float]] = {
     "step_overhead_s": (1e-7, 2e-2),
 }
 
-DEFAULT_PRIOR_WEIGHT = 0.1
+DEFAULT_PRIOR_WEIGHT = 0.02
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Click commands of the larger features, registered on the main CLI by ttcsim.cli."""
