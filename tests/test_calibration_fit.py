@@ -40,13 +40,26 @@ def synth_runs(profile):
     runs = []
     for i, (model, strat, p, q, lens) in enumerate(SHAPES):
         proto = RunRecord(
-            id=f"r{i}", hw=profile.name, model=model, prompt_tokens=p, concurrent_queries=q,
-            strategy=strat, output_tokens=lens, energy_j=1.0, latency_s=1.0,
+            id=f"r{i}",
+            hw=profile.name,
+            model=model,
+            prompt_tokens=p,
+            concurrent_queries=q,
+            strategy=strat,
+            output_tokens=lens,
+            energy_j=1.0,
+            latency_s=1.0,
         )
         cmp = compare_run(proto, profile)
-        runs.append(proto.model_copy(update={
-            "energy_j": cmp.energy_j_pred, "latency_s": cmp.latency_s_pred, "idle_power_w": 72.0
-        }))
+        runs.append(
+            proto.model_copy(
+                update={
+                    "energy_j": cmp.energy_j_pred,
+                    "latency_s": cmp.latency_s_pred,
+                    "idle_power_w": 72.0,
+                }
+            )
+        )
     return runs
 
 
@@ -78,18 +91,35 @@ def _window(kind, t, bytes_, flops, p, limit=700.0, **shape):
     static = p["idle_power_w"] + p["active_power_w"]
     e_dyn = p["hbm_energy_j_per_byte"] * bytes_ + p["compute_energy_j_per_flop"] * flops
     t = max(t, e_dyn / (limit - static))
-    return dict(kind=kind, phase=kind, time_s=t, energy_j=static * t + e_dyn,
-                hbm_bytes=bytes_, flops=flops, **shape)
+    return dict(
+        kind=kind,
+        phase=kind,
+        time_s=t,
+        energy_j=static * t + e_dyn,
+        hbm_bytes=bytes_,
+        flops=flops,
+        **shape,
+    )
 
 
 def synth_windows(p, bw=3.35e12, peak=989e12):
-    wins = [dict(kind="idle", phase="idle", time_s=3.0, energy_j=3.0 * p["idle_power_w"],
-                 hbm_bytes=0.0, flops=0.0)]
+    wins = [
+        dict(
+            kind="idle",
+            phase="idle",
+            time_s=3.0,
+            energy_j=3.0 * p["idle_power_w"],
+            hbm_bytes=0.0,
+            flops=0.0,
+        )
+    ]
     k = n = 8192
     w_bytes = 2.0 * k * n * 16
     for m in (1, 8, 32, 128, 256):
         flops = 2.0 * m * k * n * 16
-        t = max(w_bytes / (bw * p["weight_stream_efficiency"]), flops / (peak * p["gemm_efficiency"]))
+        t = max(
+            w_bytes / (bw * p["weight_stream_efficiency"]), flops / (peak * p["gemm_efficiency"])
+        )
         wins.append(_window("weight_stream", t, w_bytes, flops, p, m=m))
     for m in (512, 2048, 8192, 16384):
         flops = 2.0 * m * k * n
@@ -98,8 +128,17 @@ def synth_windows(p, bw=3.35e12, peak=989e12):
     for b, ctx in ((1, 8192), (32, 512), (32, 4096), (8, 32768)):
         bytes_ = b * ctx * 2 * 32 * 8 * 128 * 2.0
         flops = b * ctx * 4 * 32 * 32 * 128.0
-        wins.append(_window("attention_decode", bytes_ / (bw * p["attention_decode_efficiency"]),
-                            bytes_, flops, p, batch=b, context_tokens=ctx))
+        wins.append(
+            _window(
+                "attention_decode",
+                bytes_ / (bw * p["attention_decode_efficiency"]),
+                bytes_,
+                flops,
+                p,
+                batch=b,
+                context_tokens=ctx,
+            )
+        )
     return wins
 
 

@@ -6,10 +6,13 @@ The Python API mirrors the CLI::
     r = ttcsim.predict(hw="h100", model="8b", strategy="vote5")
     r.energy_j, r.latency_s
 
-Heavy modules load lazily so ``ttcsim --help`` starts fast.
+``predict`` is imported eagerly (the submodule of the same name would
+otherwise shadow it); matplotlib and scipy load only when used.
 """
 
 from __future__ import annotations
+
+from ttcsim.predict import Prediction, predict
 
 __version__ = "0.1.0"
 
@@ -17,10 +20,6 @@ __all__ = ["predict", "Prediction", "get_profile", "get_model", "parse_strategy"
 
 
 def __getattr__(name: str):
-    if name in ("predict", "Prediction"):
-        from ttcsim import predict as _p
-
-        return getattr(_p, name)
     if name == "get_profile":
         from ttcsim.hardware import get_profile
 

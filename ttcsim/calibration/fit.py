@@ -33,6 +33,9 @@ from ttcsim.calibration.records import RunRecord
 from ttcsim.calibration.validate import predict_record, summarize
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import CalibrationInfo, HardwareProfile, ModelParameters
+from ttcsim.models import get_model
+from ttcsim.simulator.coefficients import pass_coefficients
+from ttcsim.simulator.roofline import forward_pass
 
 #: Parameters fit_runs adjusts by default, with their bounds.
 RUN_FIT_BOUNDS: dict[str, tuple[float, float]] = {
@@ -165,6 +168,14 @@ def _median(values: list[float], default: float) -> float:
     return float(np.median(values)) if values else default
 
 
+def _model_from_phase(phase: str) -> str:
+    """``decoder_<model>_b<batch>`` -> ``<model>``."""
+    parts = phase.split("_")
+    if len(parts) < 3 or parts[0] != "decoder":
+        raise TtcsimError(f"decoder window {phase!r} names no model")
+    return "_".join(parts[1:-1])
+
+
 def fit_windows(
     windows: list[dict],
     base: HardwareProfile,
@@ -182,8 +193,9 @@ def fit_windows(
     ``bytes / (B_hbm * t)`` over memory-bound weight-streaming windows;
     ``gemm_efficiency`` = best ``flops / (R_peak * t)`` over GEMMs;
     ``attention_decode_efficiency`` = median ``bytes / (B_hbm * t)`` over
-    attention windows.  Decoder windows give the fixed per-layer overhead:
-    ``t_meas - t_roofline`` divided by the layer count.
+    attention windows.  Decoder windows (``model``, ``batch``,
+    ``context_tokens``) give the fixed per-layer overhead: measured step time
+    minus the model's roofline step time, divided by the layer count.
     """
     ds = base.datasheet
     p0 = base.parameters
@@ -240,17 +252,18 @@ def fit_windows(
             )
     fitted = _with(base, values)
 
-    # fixed per-layer overhead from decoder windows
+    # fixed per-layer overhead from decoder windows: measured step time minus the
+    # roofline time of the same step with the overheads set to zero
     dec = by_kind.get("decoder", [])
     if dec:
+        no_overhead = _with(fitted, {"layer_overhead_s": 1e-8})
         over = []
-        c_params = fitted.parameters
         for w in dec:
-            t_roof = max(
-                w["weight_bytes"] / (bw * c_params.weight_stream_efficiency),
-                w["linear_flops"] / (peak * c_params.gemm_efficiency),
-            ) + w.get("kv_bytes", 0.0) / (bw * c_params.attention_decode_efficiency)
-            over.append(max(w["time_s"] - t_roof, 0.0) / w["n_layers"])
+            spec = get_model(w.get("model") or _model_from_phase(w.get("phase", "")))
+            c = pass_coefficients(no_overhead, spec)
+            x = w["batch"] * w["context_tokens"]
+            t_roof = float(forward_pass(c, w["batch"], x, x).time_s)
+            over.append((w["time_s"] - t_roof) / spec.n_layers)
         layer = float(np.median(over))
         fitted = _with(fitted, {"layer_overhead_s": min(max(layer, 1e-8), 2e-4)})
 

@@ -1,0 +1,129 @@
+"""Calibrate one GPU and measure the validation runs, in one device call.
+
+Usage (on the GPU machine)::
+
+    python bench/device_campaign.py --out $OUT [--skip-calibration] [--only ID,...]
+
+Writes to ``--out``: ``selfcheck.json`` (reference decoder vs dense
+attention), ``profile.yaml`` + ``trace.csv`` + ``phases.jsonl`` (``ttcsim
+calibrate run``), ``runs.jsonl`` (run records of :data:`CAMPAIGN`), ``log.txt``.
+Output lengths drawn from distributions are sampled here with a fixed seed and
+stored per sequence in the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LOGN = "lognormal:median=300,sigma=0.6,max=1024"
+LOGN_SHORT = "lognormal:median=150,sigma=0.5,max=512"
+
+#: (id, model, strategy, prompt_tokens, output spec, concurrent queries)
+CAMPAIGN = [
+    ("1b-single-p512", "llama-3.2-1b", "single", 512, "512", 1),
+    ("1b-vote8-logn", "llama-3.2-1b", "vote8", 512, LOGN, 1),
+    ("1b-single-q256", "llama-3.2-1b", "single", 128, "256", 256),
+    ("1b-vote64", "llama-3.2-1b", "vote64", 256, "256", 1),
+    ("3b-single-p2048", "llama-3.2-3b", "single", 2048, "512", 1),
+    ("3b-vote4-logn", "llama-3.2-3b", "vote4", 1024, LOGN, 1),
+    ("3b-bon4", "llama-3.2-3b", "bon4", 512, "256", 1),
+    ("3b-single-p8192", "llama-3.2-3b", "single", 8192, "128", 1),
+    ("8b-single-p512", "llama-3.1-8b", "single", 512, "512", 1),
+    ("8b-vote5-logn", "llama-3.1-8b", "vote5", 512, LOGN, 1),
+    ("8b-vote16", "llama-3.1-8b", "vote16", 1024, "256", 1),
+    ("8b-single-q64", "llama-3.1-8b", "single", 256, "256", 64),
+    ("8b-vote128", "llama-3.1-8b", "vote128", 256, "128", 1),
+    ("8b-bon8", "llama-3.1-8b", "bon8", 512, "256", 1),
+    ("8b-single-p8192", "llama-3.1-8b", "single", 8192, "256", 1),
+    ("8b-vote4-q8-logn", "llama-3.1-8b", "vote4", 4096, LOGN_SHORT, 8),
+    ("14b-single", "qwen2.5-14b", "single", 1024, "256", 1),
+    ("14b-vote8", "qwen2.5-14b", "vote8", 512, "256", 1),
+    ("14b-single-q32", "qwen2.5-14b", "single", 256, "128", 32),
+    ("32b-single", "qwen2.5-32b", "single", 512, "128", 1),
+    ("32b-vote4", "qwen2.5-32b", "vote4", 1024, "128", 1),
+    ("32b-single-q8", "qwen2.5-32b", "single", 2048, "64", 8),
+    # repeats: the run-to-run noise floor
+    ("1b-single-q256-rep", "llama-3.2-1b", "single", 128, "256", 256),
+    ("8b-single-p512-rep", "llama-3.1-8b", "single", 512, "512", 1),
+    ("8b-vote128-rep", "llama-3.1-8b", "vote128", 256, "128", 1),
+    ("14b-vote8-rep", "qwen2.5-14b", "vote8", 512, "256", 1),
+]
+
+
+def campaign_specs(only: set[str] | None = None, seed: int = 0) -> list[dict]:
+    """The campaign as measure_many() specs, lengths sampled with ``seed``."""
+    from ttcsim.distributions import LengthList, parse_lengths
+    from ttcsim.strategies import parse_strategy
+
+    rng = np.random.default_rng(seed)
+    specs = []
+    for run_id, model, strategy, prompt, out, q in CAMPAIGN:
+        n = q * parse_strategy(strategy).samples_per_query
+        lengths = parse_lengths(out)
+        if isinstance(lengths, LengthList):
+            values = list(lengths.values)
+        elif lengths.is_fixed:
+            values = [lengths.tokens] * n
+        else:
+            values = [int(v) for v in lengths.sample(rng, n)]
+        if only and run_id not in only:
+            continue
+        specs.append(
+            dict(
+                id=run_id,
+                model=model,
+                strategy=strategy,
+                prompt_tokens=prompt,
+                output_tokens=values,
+                concurrent_queries=q,
+            )
+        )
+    return specs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-calibration", action="store_true")
+    ap.add_argument("--skip-selfcheck", action="store_true")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--budget-s", type=float, default=150.0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not args.skip_selfcheck:
+        from ttcsim.gpu.decoder import decoder_self_check
+
+        report = decoder_self_check()
+        (out / "selfcheck.json").write_text(json.dumps(report, indent=1, default=str))
+        print(f"[{time.time() - t0:6.1f}s] self-check done", flush=True)
+    if not args.skip_calibration:
+        from ttcsim.calibration.session import calibrate_on_gpu
+
+        profile, report, trace_dir = calibrate_on_gpu(
+            out / "profile.yaml", budget_s=args.budget_s, force=True
+        )
+        for name in ("trace.csv", "phases.jsonl"):
+            if (trace_dir / name).exists():
+                shutil.copy(trace_dir / name, out / name)
+        print(f"[{time.time() - t0:6.1f}s] calibrated: {report.residuals_pct}", flush=True)
+        print(profile.parameters, flush=True)
+    from ttcsim.gpu.measure import measure_many
+
+    only = {s for s in args.only.split(",") if s} or None
+    measure_many(campaign_specs(only), out / "runs.jsonl")
+    print(f"[{time.time() - t0:6.1f}s] campaign done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
