@@ -14,10 +14,12 @@ stored per sequence in the records.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +79,31 @@ def campaign_specs(only: set[str] | None = None, seed: int = 0) -> list[dict]:
             values = [int(v) for v in lengths.sample(rng, n)]
         if only and run_id not in only:
             continue
-        specs.append(
-            dict(
-                id=run_id,
-                model=model,
-                strategy=strategy,
-                prompt_tokens=prompt,
-                output_tokens=values,
-                concurrent_queries=q,
-            )
+        spec = dict(
+            id=run_id,
+            model=model,
+            strategy=strategy,
+            prompt_tokens=prompt,
+            output_tokens=values,
+            concurrent_queries=q,
         )
+        if strategy.startswith("bon"):
+            spec["reward_model"] = model  # the policy model scores its own candidates
+        specs.append(spec)
     return specs
+
+
+@contextlib.contextmanager
+def stage(name: str, t0: float):
+    """Run one stage; print its traceback instead of aborting the later stages."""
+    print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - report and go on: device time is precious
+        traceback.print_exc()
+        print(f"[{time.time() - t0:6.1f}s] {name} FAILED", flush=True)
+    else:
+        print(f"[{time.time() - t0:6.1f}s] {name} done", flush=True)
 
 
 def main() -> None:
@@ -95,6 +111,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip-calibration", action="store_true")
     ap.add_argument("--skip-selfcheck", action="store_true")
+    ap.add_argument("--skip-campaign", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--budget-s", type=float, default=150.0)
     args = ap.parse_args()
@@ -102,27 +119,32 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not args.skip_selfcheck:
-        from ttcsim.gpu.decoder import decoder_self_check
+        with stage("self-check", t0):
+            from ttcsim.gpu.decoder import decoder_self_check
 
-        report = decoder_self_check()
-        (out / "selfcheck.json").write_text(json.dumps(report, indent=1, default=str))
-        print(f"[{time.time() - t0:6.1f}s] self-check done", flush=True)
+            report = decoder_self_check()
+            (out / "selfcheck.json").write_text(json.dumps(report, indent=1, default=str))
     if not args.skip_calibration:
-        from ttcsim.calibration.session import calibrate_on_gpu
+        with stage("calibration", t0):
+            from ttcsim.calibration.session import calibrate_on_gpu
 
-        profile, report, trace_dir = calibrate_on_gpu(
-            out / "profile.yaml", budget_s=args.budget_s, force=True
-        )
-        for name in ("trace.csv", "phases.jsonl"):
-            if (trace_dir / name).exists():
-                shutil.copy(trace_dir / name, out / name)
-        print(f"[{time.time() - t0:6.1f}s] calibrated: {report.residuals_pct}", flush=True)
-        print(profile.parameters, flush=True)
-    from ttcsim.gpu.measure import measure_many
+            trace_dir = out / "profile-trace"
+            try:
+                profile, report, trace_dir = calibrate_on_gpu(
+                    out / "profile.yaml", budget_s=args.budget_s, force=True
+                )
+                print(f"calibrated: {report.residuals_pct}", flush=True)
+                print(profile.parameters, flush=True)
+            finally:
+                for name in ("trace.csv", "phases.jsonl", "calibration_runs.jsonl"):
+                    if (trace_dir / name).exists():
+                        shutil.copy(trace_dir / name, out / name)
+    if not args.skip_campaign:
+        with stage("campaign", t0):
+            from ttcsim.gpu.measure import measure_many
 
-    only = {s for s in args.only.split(",") if s} or None
-    measure_many(campaign_specs(only), out / "runs.jsonl")
-    print(f"[{time.time() - t0:6.1f}s] campaign done", flush=True)
+            only = {s for s in args.only.split(",") if s} or None
+            measure_many(campaign_specs(only), out / "runs.jsonl")
 
 
 if __name__ == "__main__":

@@ -81,13 +81,21 @@ class ModelParameters(BaseModel):
       forward pass (small kernels, launch gaps); ``step_overhead_s`` -- fixed
       time per forward pass (embedding, sampling, host work).
 
+    ``roofline_exponent`` -- ``p`` of the smooth roofline
+    ``(t_mem^p + t_comp^p)^(1/p)`` (memory and compute overlap imperfectly
+    near the ridge point; ``p`` large gives ``max``).
+
     Power (see :mod:`ttcsim.simulator.power`)::
 
         P = idle_power_w + active_power_w
             + hbm_energy_j_per_byte * (bytes / s)
-            + compute_energy_j_per_flop * (bf16-equivalent FLOP / s),
+            + s_clk^gamma * (compute_energy_j_per_flop * GEMM FLOP / s
+                             + attention_energy_j_per_flop * attention FLOP / s),
 
-    capped at the datasheet power limit.
+    where ``s_clk <= 1`` is the clock scale the GPU falls to when the demand
+    would exceed the power limit (1 otherwise) and ``gamma`` is
+    ``dvfs_energy_exponent``: lower clocks run at lower voltage, so each FLOP
+    costs less energy.
     """
 
     model_config = _STRICT
@@ -106,6 +114,24 @@ class ModelParameters(BaseModel):
     attention_prefill_efficiency: float = Field(gt=0, le=1)
     layer_overhead_s: float = Field(ge=0, le=1e-3, description="per layer per forward pass [s]")
     step_overhead_s: float = Field(ge=0, le=1e-1, description="per forward pass [s]")
+    attention_energy_j_per_flop: float = Field(
+        ge=0,
+        le=1e-9,
+        default=5e-12,
+        description="dynamic energy per attention FLOP (softmax on CUDA cores) [J/FLOP]",
+    )
+    roofline_exponent: float = Field(
+        ge=1.0,
+        le=64.0,
+        default=2.0,
+        description="p of the smooth roofline (t_mem^p + t_comp^p)^(1/p); large p = max()",
+    )
+    dvfs_energy_exponent: float = Field(
+        ge=0.0,
+        le=4.0,
+        default=1.5,
+        description="energy per FLOP scales as (clock / max clock)^gamma when power-limited",
+    )
     interconnect_efficiency: float = Field(gt=0, le=1, default=0.7)
     allreduce_latency_s: float = Field(ge=0, le=1e-3, default=8e-6)
     memory_usable_fraction: float = Field(gt=0.3, le=1.0, default=0.9)

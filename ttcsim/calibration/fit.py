@@ -176,6 +176,31 @@ def _model_from_phase(phase: str) -> str:
     return "_".join(parts[1:-1])
 
 
+def _clock_scale(w: dict, f_max: float) -> float:
+    clk = w.get("mean_sm_clock_mhz") or f_max
+    return float(min(max(clk / f_max, 0.05), 1.0))
+
+
+def _attention_calls(w: dict, spec_kv_elements_per_token: float, dtype_bytes: float) -> float:
+    """Number of attention kernel calls (layers) in an attention window."""
+    per_call = spec_kv_elements_per_token * w["batch"] * w["context_tokens"] * dtype_bytes
+    return max(1.0, round(w["hbm_bytes"] / per_call))
+
+
+def _fit_roofline_exponent(rows: list[tuple[float, float, float]], default: float) -> float:
+    """``p`` minimising ``sum log((t_m^p + t_c^p)^(1/p) / t)^2`` over (t_m, t_c, t) rows."""
+    if not rows:
+        return default
+    grid = np.concatenate([np.linspace(1.0, 4.0, 61), [5, 6, 8, 12, 16, 32, 64]])
+    t_m, t_c, t = (np.array(v) for v in zip(*rows, strict=True))
+    err = [
+        np.sum(np.log(np.power(t_m**p + t_c**p, 1.0 / p) / t) ** 2) if p < 64 else
+        np.sum(np.log(np.maximum(t_m, t_c) / t) ** 2)
+        for p in grid
+    ]  # fmt: skip
+    return float(grid[int(np.argmin(err))])
+
+
 def fit_windows(
     windows: list[dict],
     base: HardwareProfile,
@@ -187,74 +212,133 @@ def fit_windows(
 ) -> tuple[HardwareProfile, FitReport]:
     """Fit model parameters from microbenchmark windows (see module docstring).
 
-    Each window dict has ``kind`` (idle, weight_stream, gemm, attention_decode,
-    decoder), per-iteration ``time_s``, ``energy_j``, ``hbm_bytes``, ``flops``
-    and shape fields.  Efficiencies: ``weight_stream_efficiency`` = median of
-    ``bytes / (B_hbm * t)`` over memory-bound weight-streaming windows;
-    ``gemm_efficiency`` = best ``flops / (R_peak * t)`` over GEMMs;
-    ``attention_decode_efficiency`` = median ``bytes / (B_hbm * t)`` over
-    attention windows.  Decoder windows (``model``, ``batch``,
-    ``context_tokens``) give the fixed per-layer overhead: measured step time
-    minus the model's roofline step time, divided by the layer count.
+    Each window has ``kind`` (idle, weight_stream, gemm, attention_decode,
+    decoder), per-iteration ``time_s``, ``energy_j``, ``hbm_bytes``, ``flops``,
+    ``avg_power_w``, ``mean_sm_clock_mhz`` and shape fields.  A window is
+    *power-limited* when its power is within 5 % of the limit or its clock is
+    more than 3 % under the highest clock seen.  Steps, each the inverse of one
+    term of the forward model:
+
+    1. ``idle_power_w``: the last idle window (context held, after work).
+    2. ``weight_stream_efficiency``: median ``bytes / (B_hbm t)`` of unthrottled
+       memory-bound weight-streaming windows.
+    3. ``gemm_efficiency``: median ``FLOP / (R_peak s t)`` of GEMM windows, with
+       ``s`` the measured clock scale (so it is the rate at full clock).
+    4. ``roofline_exponent``: the ``p`` that best fits the weight-streaming
+       windows near the ridge point.
+    5. ``attention_decode_efficiency``: slope of per-call time against per-call
+       KV bytes over the attention windows (the intercept is per-layer
+       overhead, measured again by the decoder windows).
+    6. power: NNLS over the unthrottled windows,
+       ``E - P_idle t = P_active t + e_B bytes + e_F FLOP_gemm + e_A FLOP_attn``.
+    7. ``dvfs_energy_exponent``: from power-limited GEMMs,
+       ``s^gamma = (E - P_static t - e_B bytes) / (e_F FLOP)``.
+    8. ``layer_overhead_s``: decoder windows' measured step time minus the
+       model's step time without overheads, per layer.
     """
+    from ttcsim.simulator import architecture as arch
+
     ds = base.datasheet
     p0 = base.parameters
-    bw, peak = ds.hbm_bandwidth_bytes_per_s, ds.peak_flops_per_s["bf16"]
-    by_kind: dict[str, list[dict]] = {}
-    for w in windows:
-        if w.get("time_s", 0) > 0 and w.get("energy_j", 0) > 0:
-            by_kind.setdefault(w["kind"], []).append(w)
-    if "idle" not in by_kind:
+    bw, peak, limit = ds.hbm_bandwidth_bytes_per_s, ds.peak_flops_per_s["bf16"], ds.power_limit_w
+    good = [w for w in windows if w.get("time_s", 0) > 0 and w.get("energy_j", 0) > 0]
+    idle = [w for w in good if w["kind"] == "idle"]
+    if not idle:
         raise TtcsimError("calibration windows lack an idle window")
-    idle_w = _median([w["energy_j"] / w["time_s"] for w in by_kind["idle"]], p0.idle_power_w)
+    busy = [w for w in good if w["kind"] != "idle"]
+    if not busy:
+        raise TtcsimError("calibration windows hold no busy window")
+    idle_w = idle[-1]["energy_j"] / idle[-1]["time_s"]
+    f_max = max((w.get("mean_sm_clock_mhz") or 0.0) for w in busy) or 1.0
 
-    ws = by_kind.get("weight_stream", [])
-    mem_bound = [w for w in ws if w["flops"] / peak < 0.5 * w["hbm_bytes"] / bw]
-    eta_w = _median(
-        [w["hbm_bytes"] / (bw * w["time_s"]) for w in mem_bound], p0.weight_stream_efficiency
-    )
-    gemms = by_kind.get("gemm", [])
-    eta_g = max([w["flops"] / (peak * w["time_s"]) for w in gemms], default=p0.gemm_efficiency)
-    att = by_kind.get("attention_decode", [])
-    eta_a = _median(
-        [w["hbm_bytes"] / (bw * w["time_s"]) for w in att], p0.attention_decode_efficiency
-    )
+    def power(w):
+        return w["energy_j"] / w["time_s"]
 
-    # power: NNLS of E - P_idle t = P_act t + e_B bytes + e_F flops over busy windows
-    busy = ws + gemms + att + by_kind.get("decoder", [])
+    def limited(w):
+        return power(w) > 0.95 * limit or _clock_scale(w, f_max) < 0.97
+
+    kinds = ("weight_stream", "gemm", "attention_decode", "decoder")
+    ws, gemms, att, dec = ([w for w in busy if w["kind"] == k] for k in kinds)
+
+    mem_bound = [w for w in ws if not limited(w) and w["flops"] / peak < 0.2 * w["hbm_bytes"] / bw]
+    eta_w = _median([w["hbm_bytes"] / (bw * w["time_s"]) for w in mem_bound],
+                    p0.weight_stream_efficiency)  # fmt: skip
+    compute_bound = [w for w in gemms if w["flops"] / peak > 2.0 * w["hbm_bytes"] / bw]
+    eta_g = _median(
+        [w["flops"] / (peak * _clock_scale(w, f_max) * w["time_s"]) for w in compute_bound],
+        p0.gemm_efficiency,
+    )
+    eta_g = min(eta_g, 1.0)
+    near_ridge = [
+        (w["hbm_bytes"] / (bw * eta_w), w["flops"] / (peak * eta_g * _clock_scale(w, f_max)),
+         w["time_s"])
+        for w in ws if w not in mem_bound
+    ]  # fmt: skip
+    p_roof = _fit_roofline_exponent(near_ridge, p0.roofline_exponent)
+
+    llama = get_model("llama-3.1-8b")
+    kv_el = 2.0 * llama.n_kv_heads * llama.head_dim  # per token per layer
+    eta_a = p0.attention_decode_efficiency
+    if len(att) >= 2:
+        calls = [_attention_calls(w, kv_el, 2.0) for w in att]
+        x = np.array([w["hbm_bytes"] / n for w, n in zip(att, calls, strict=True)])
+        y = np.array([w["time_s"] / n for w, n in zip(att, calls, strict=True)])
+        slope, _ = np.polyfit(x, y, 1)
+        if slope > 0:
+            eta_a = float(min(1.0 / (slope * bw), 1.0))
+
+    def split_flops(w):
+        """(GEMM FLOP, attention FLOP) of a window."""
+        if w["kind"] == "attention_decode":
+            return 0.0, w["flops"]
+        if w["kind"] == "decoder":
+            spec = get_model(w.get("model") or _model_from_phase(w.get("phase", "")))
+            f_att = w["batch"] * w["context_tokens"] * arch.attention_flops_per_token_pair(spec)
+            return max(w["flops"] - f_att, 0.0), f_att
+        return w["flops"], 0.0
+
     values: dict[str, float] = {
         "idle_power_w": idle_w,
         "weight_stream_efficiency": min(eta_w, 1.0),
-        "gemm_efficiency": min(eta_g, 1.0),
-        "attention_decode_efficiency": min(eta_a, 1.0),
+        "gemm_efficiency": eta_g,
+        "roofline_exponent": p_roof,
+        "attention_decode_efficiency": eta_a,
     }
     per_item = []
-    if len(busy) >= 3:
-        a = np.array([[w["time_s"], w["hbm_bytes"], w["flops"]] for w in busy], dtype=float)
-        y = np.array([w["energy_j"] - idle_w * w["time_s"] for w in busy], dtype=float)
-        # relative errors: weight each window by 1 / its energy
-        scale = 1.0 / np.array([w["energy_j"] for w in busy])
-        col = a.max(axis=0)
+    free = [w for w in busy if not limited(w)]
+    if len(free) >= 4:
+        a = np.array([[w["time_s"], w["hbm_bytes"], *split_flops(w)] for w in free], dtype=float)
+        y = np.array([w["energy_j"] - idle_w * w["time_s"] for w in free], dtype=float)
+        scale = 1.0 / np.array([w["energy_j"] for w in free])
+        col = np.maximum(a.max(axis=0), 1e-300)
         coef, _ = optimize.nnls(a * scale[:, None] / col, y * scale)
         coef = coef / col
-        limit = ds.power_limit_w
         values["active_power_w"] = float(min(coef[0], limit - idle_w - 1.0))
         values["hbm_energy_j_per_byte"] = float(coef[1])
-        values["compute_energy_j_per_flop"] = float(coef[2])
+        if coef[2] > 0:
+            values["compute_energy_j_per_flop"] = float(coef[2])
+        if coef[3] > 0:
+            values["attention_energy_j_per_flop"] = float(coef[3])
         pred = idle_w * a[:, 0] + a @ coef
-        for w, e_pred in zip(busy, pred, strict=True):
-            per_item.append(
-                {
-                    "phase": w.get("phase", w["kind"]),
-                    "energy_j": w["energy_j"],
-                    "energy_j_pred": float(e_pred),
-                }
+        for w, e_pred in zip(free, pred, strict=True):
+            per_item.append({"phase": w.get("phase", w["kind"]), "energy_j": w["energy_j"],
+                             "energy_j_pred": float(e_pred)})  # fmt: skip
+        static = idle_w + values["active_power_w"]
+        e_flop = values.get("compute_energy_j_per_flop", p0.compute_energy_j_per_flop)
+        gammas = []
+        for w in gemms:
+            s_clk = _clock_scale(w, f_max)
+            ratio = (w["energy_j"] - static * w["time_s"] - coef[1] * w["hbm_bytes"]) / (
+                e_flop * w["flops"]
             )
+            if limited(w) and s_clk < 0.97 and 0 < ratio < 1:
+                gammas.append(np.log(ratio) / np.log(s_clk))
+        if gammas:
+            values["dvfs_energy_exponent"] = float(min(max(np.median(gammas), 0.0), 4.0))
     fitted = _with(base, values)
 
     # fixed per-layer overhead from decoder windows: measured step time minus the
-    # roofline time of the same step with the overheads set to zero
-    dec = by_kind.get("decoder", [])
+    # model's step time with the per-layer overhead set to zero
     if dec:
         no_overhead = _with(fitted, {"layer_overhead_s": 1e-8})
         over = []
@@ -262,8 +346,8 @@ def fit_windows(
             spec = get_model(w.get("model") or _model_from_phase(w.get("phase", "")))
             c = pass_coefficients(no_overhead, spec)
             x = w["batch"] * w["context_tokens"]
-            t_roof = float(forward_pass(c, w["batch"], x, x).time_s)
-            over.append((w["time_s"] - t_roof) / spec.n_layers)
+            t_model = float(forward_pass(c, w["batch"], x, x).time_s)
+            over.append((w["time_s"] - t_model) / spec.n_layers)
         layer = float(np.median(over))
         fitted = _with(fitted, {"layer_overhead_s": min(max(layer, 1e-8), 2e-4)})
 
@@ -272,9 +356,8 @@ def fit_windows(
     info = CalibrationInfo(
         status="calibrated",
         method=(
-            "ttcsim calibrate run: idle window; efficiencies from weight-streaming, GEMM and "
-            "decode-attention windows; NNLS power fit over all busy windows; layer overhead "
-            "from reference-decoder windows"
+            "ttcsim calibrate run: microbenchmark windows (idle, weight streaming, GEMMs, "
+            "decode attention, reference decoder) fitted by ttcsim.calibration.fit.fit_windows"
         ),
         date=date or dt.date.today().isoformat(),
         gpu_name=gpu_name or base.display_name,

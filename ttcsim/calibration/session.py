@@ -13,6 +13,21 @@ from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile, profile_name_for_gpu
 from ttcsim.io import atomic_write_text
 
+#: Reference-decoder runs that ``calibrate run`` measures after the microbenchmarks
+#: (about 30 s).  Shapes differ from every run in the validation campaign.
+CALIBRATION_RUNS = (
+    dict(id="cal-1b-b1", model="llama-3.2-1b", strategy="single", prompt_tokens=1024,
+         output_tokens=256, concurrent_queries=1),
+    dict(id="cal-8b-b1", model="llama-3.1-8b", strategy="single", prompt_tokens=256,
+         output_tokens=192, concurrent_queries=1),
+    dict(id="cal-8b-vote32", model="llama-3.1-8b", strategy="vote32", prompt_tokens=512,
+         output_tokens=128, concurrent_queries=1),
+    dict(id="cal-8b-p4096-q2", model="llama-3.1-8b", strategy="single", prompt_tokens=4096,
+         output_tokens=64, concurrent_queries=2),
+    dict(id="cal-3b-q128", model="llama-3.2-3b", strategy="single", prompt_tokens=256,
+         output_tokens=128, concurrent_queries=128),
+)  # fmt: skip
+
 
 def calibrate_on_gpu(
     out_path: str | Path,
@@ -41,13 +56,16 @@ def calibrate_on_gpu(
         gpu_name, driver = dev.name, dev.driver_version
     base_profile = _base_for(base, gpu_name)
     trace_dir = out_path.with_name(out_path.stem + "-trace")
-    windows = run_microbenchmarks(trace_dir, device_index=gpu_index, budget_s=budget_s)
-    profile, report = fit_windows(
-        windows,
-        base_profile,
-        gpu_name=gpu_name,
-        driver_version=driver,
-        trace=str(trace_dir.name),
+    run_microbenchmarks(trace_dir, device_index=gpu_index, budget_s=budget_s)
+    from ttcsim.gpu.measure import measure_many
+
+    measure_many(
+        [dict(r) for r in CALIBRATION_RUNS],
+        trace_dir / "calibration_runs.jsonl",
+        device_index=gpu_index,
+    )
+    profile, report = refit_from_trace_dir(
+        trace_dir, base_profile, gpu_name=gpu_name, driver_version=driver
     )
     atomic_write_text(out_path, profile.to_yaml())
     return profile, report, trace_dir
@@ -85,13 +103,51 @@ def read_windows(trace_dir: str | Path) -> list[dict]:
 
 
 def refit_from_trace_dir(
-    trace_dir: str | Path, base: str, gpu_name: str | None = None, date: str | None = None
+    trace_dir: str | Path,
+    base: str | HardwareProfile,
+    gpu_name: str | None = None,
+    driver_version: str | None = None,
+    date: str | None = None,
 ) -> tuple[HardwareProfile, FitReport]:
-    """Fit a profile from a recorded calibration folder (no GPU needed)."""
+    """Fit a profile from a recorded calibration folder (no GPU needed).
+
+    Two steps: :func:`~ttcsim.calibration.fit.fit_windows` on ``phases.jsonl``,
+    then, when ``calibration_runs.jsonl`` exists, :func:`~ttcsim.calibration.fit.fit_runs`
+    on those reference-decoder runs with the window fit as the base (and prior).
+    """
+    from ttcsim.calibration.fit import fit_runs
+    from ttcsim.calibration.records import read_runs
+
+    trace_dir = Path(trace_dir)
     windows = read_windows(trace_dir)
-    return fit_windows(
-        windows, get_profile(base), gpu_name=gpu_name, trace=Path(trace_dir).name, date=date
+    profile, report = fit_windows(
+        windows,
+        get_profile(base),
+        gpu_name=gpu_name,
+        driver_version=driver_version,
+        trace=trace_dir.name,
+        date=date,
     )
+    runs_path = trace_dir / "calibration_runs.jsonl"
+    if runs_path.exists():
+        runs = read_runs(runs_path)
+        refined, run_report = fit_runs(runs, profile, method_note="calibrate run (decoder runs)")
+        info = refined.provenance.parameters.model_copy(
+            update={
+                "method": profile.provenance.parameters.method
+                + f"; then least squares on {len(runs)} reference-decoder runs "
+                "(calibration_runs.jsonl) with the window fit as prior",
+                "date": profile.provenance.parameters.date,
+                "gpu_name": profile.provenance.parameters.gpu_name,
+                "driver_version": driver_version,
+                "trace": trace_dir.name,
+                "residuals": {**profile.provenance.parameters.residuals,
+                              **refined.provenance.parameters.residuals},
+            }
+        )  # fmt: skip
+        profile = refined.with_parameters(refined.parameters, info)
+        report.residuals_pct.update(run_report.residuals_pct)
+    return profile, report
 
 
 def measure_one(

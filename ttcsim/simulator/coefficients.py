@@ -48,6 +48,8 @@ class PassCoefficients:
     energy_per_byte_j: float
     energy_per_linear_flop_j: float  #: scaled to the weight dtype's tensor-core rate
     energy_per_attention_flop_j: float
+    roofline_exponent: float  #: p of the smooth roofline
+    dvfs_energy_exponent: float  #: gamma: energy/FLOP ~ clock_scale**gamma when throttled
     memory_capacity_bytes: float  #: usable per GPU
     weight_bytes_total: float  #: all weights on this GPU (every expert)
 
@@ -98,7 +100,9 @@ def pass_coefficients(
         power_limit_w=ds.power_limit_w,
         energy_per_byte_j=p.hbm_energy_j_per_byte,
         energy_per_linear_flop_j=p.compute_energy_j_per_flop * peak_bf16 / peak_w,
-        energy_per_attention_flop_j=p.compute_energy_j_per_flop,
+        energy_per_attention_flop_j=p.attention_energy_j_per_flop,
+        roofline_exponent=p.roofline_exponent,
+        dvfs_energy_exponent=p.dvfs_energy_exponent,
         memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
         weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,
     )

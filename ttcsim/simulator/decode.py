@@ -12,10 +12,11 @@ energy that are affine in ``x`` for fixed ``b``::
 
     t(x) = t0(b) + a * x,      E_dyn(x) = e0(b) + e1 * x
 
-The throttled step time is ``max(t(x), E_dyn(x) / (P_max - P_static))``.  Over a
-run of steps with a fixed batch, ``x`` is an arithmetic progression, so each
-segment's totals are summed in closed form (:func:`segment_cost`): the cost of
-a decode phase is O(#distinct lengths), never O(tokens).
+Over a run of steps with a fixed batch, ``x`` is an arithmetic progression, so
+each segment's totals are summed in closed form (:func:`segment_cost`): the
+cost of a decode phase is O(#distinct lengths), never O(tokens).  Segments
+that reach the power limit (large batches of small models) are summed step by
+step, vectorised.
 
 Random lengths: with ``n`` i.i.d. lengths of survival function
 ``S(s) = P(L > s)``, the batch at step ``s`` is ``B(s) ~ Binomial(n, S(s))``, so
@@ -52,33 +53,27 @@ class DecodeCost:
     generated_tokens: float  #: tokens produced by decode steps (excludes prefill's first)
 
 
-def _sum_positive_affine(d0, d1, n):
-    """``sum_{k=0}^{n-1} max(0, d0 + d1*k)``, elementwise (closed form)."""
-    d0, d1, n = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (d0, d1, n)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        root = np.where(d1 != 0, -d0 / np.where(d1 != 0, d1, 1.0), 0.0)
-    # d1 > 0: positive for k > root;  d1 < 0: positive for k < root.
-    start = np.where(d1 > 0, np.clip(np.floor(root) + 1, 0, n), 0.0)
-    stop = np.where(d1 < 0, np.clip(np.ceil(root), 0, n), n)
-    flat = d1 == 0
-    start = np.where(flat, np.where(d0 > 0, 0.0, n), start)
-    stop = np.where(flat, n, stop)
-    m = np.maximum(stop - start, 0.0)
-    sum_k = m * (start + stop - 1.0) / 2.0
-    return m * d0 + d1 * sum_k
-
-
 def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
     """Totals of ``n_steps`` decode steps at fixed ``batch`` (closed form, broadcasting).
 
     ``first_context_tokens`` is ``P + s`` at the segment's first step; context
-    grows by one per sequence per step, so ``x_k = b * (P + s + k)``.
+    grows by one per sequence per step, so ``x_k = b * (P + s + k)`` and, at
+    full clock, ``t_k = t0(b) + a * x_k`` and ``E_k = e0(b) + e1 * x_k``::
+
+        sum_k t_k = n * (t0 + a * x0) + a * dx * n * (n - 1) / 2
+
+    Power ``P_static + E_k / t_k`` is monotone in ``x``, so a segment whose first
+    and last steps stay under the limit never throttles; segments that do are
+    evaluated step by step with :func:`~ttcsim.simulator.roofline.forward_pass`.
 
     Returns ``(time_s, dynamic_energy_j, energy_j)`` arrays; energies summed over GPUs.
     """
-    b = np.asarray(batch, dtype=float)
-    n = np.asarray(n_steps, dtype=float)
-    x0 = b * np.asarray(first_context_tokens, dtype=float)
+    b, ctx0, n = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (batch, first_context_tokens, n_steps))
+    )
+    shape = b.shape
+    b, ctx0, n = (v.reshape(-1) for v in (b, ctx0, n))
+    x0 = b * ctx0
     dx = b
     a = attention_time_per_pair_s(c)
     t0 = linear_time_s(c, b) + fixed_time_s(c, b)
@@ -89,17 +84,27 @@ def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
     e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
         c.energy_per_attention_flop_j * c.attention_flops_per_pair
     )
-    headroom = max(c.power_limit_w - c.static_power_w, 1e-9)
-    # step k: f(k) = t0 + a*(x0 + k*dx);  g(k) = (e0 + e1*(x0 + k*dx)) / headroom
     sum_k = n * (n - 1.0) / 2.0
-    time_unthrottled = n * (t0 + a * x0) + a * dx * sum_k
-    d0 = (e0 + e1 * x0) / headroom - (t0 + a * x0)
-    d1 = (e1 / headroom - a) * dx
-    time = time_unthrottled + _sum_positive_affine(d0, d1, n)
+    time = n * (t0 + a * x0) + a * dx * sum_k
     e_dyn = n * (e0 + e1 * x0) + e1 * dx * sum_k
     active = (b > 0) & (n > 0)
-    time = np.where(active, time, 0.0)
-    e_dyn = np.where(active, e_dyn, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x1 = x0 + (n - 1.0) * dx
+        p_first = c.static_power_w + (e0 + e1 * x0) / (t0 + a * x0)
+        p_last = c.static_power_w + (e0 + e1 * x1) / (t0 + a * x1)
+    hot = active & ((p_first > c.power_limit_w) | (p_last > c.power_limit_w))
+    if hot.any():
+        seg = np.nonzero(hot)[0]
+        counts = n[seg].astype(np.int64)
+        owner = np.repeat(np.arange(seg.size), counts)
+        k = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        bb = b[seg][owner]
+        x = x0[seg][owner] + k * bb
+        cost = forward_pass(c, bb, x, x)
+        time[seg] = np.bincount(owner, cost.time_s, seg.size)
+        e_dyn[seg] = np.bincount(owner, cost.dynamic_energy_j, seg.size) / c.n_gpus
+    time = np.where(active, time, 0.0).reshape(shape)
+    e_dyn = np.where(active, e_dyn, 0.0).reshape(shape)
     return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
 
 

@@ -1,21 +1,25 @@
 """Time and energy of one forward pass: a roofline with calibrated efficiencies.
 
 For a pass over ``T`` new tokens that reads ``K`` cached context tokens and
-computes ``A`` (query, key) attention pairs, per GPU::
+computes ``A`` (query, key) attention pairs, per GPU, at clock scale ``s``::
 
     W(T)    = W_shared + E_touched(T) * W_expert                     [B]
-    t_lin   = max(W(T) / B_w,  T * F_lin / R_gemm)                   [s]
-    t_attn  = max(K * b_kv / B_attn,  A * f_attn / R_attn)           [s]
+    t_lin   = rl(W(T) / B_w,  T * F_lin / (R_gemm * s))               [s]
+    t_attn  = rl(K * b_kv / B_attn,  A * f_attn / (R_attn * s))       [s]
     t_comm  = t_ar_fixed + T * t_ar_token          (tensor parallel) [s]
     t       = t_lin + t_attn + t_comm + L * t_layer + t_step         [s]
-    E_dyn   = e_B * (W(T) + (K + T) * b_kv) + e_F * T * F_lin + e_A * A * f_attn   [J]
+    E_mem   = e_B * (W(T) + (K + T) * b_kv)                          [J]
+    E_comp  = e_F * T * F_lin + e_A * A * f_attn     (at s = 1)      [J]
+    E_dyn   = E_mem + s^gamma * E_comp                               [J]
 
-``B_w``/``B_attn`` are achieved bandwidths and ``R_gemm``/``R_attn`` achieved
-FLOP rates (peak times calibrated efficiency).  The roofline assumes compute
-and memory traffic overlap perfectly *within* the GEMMs and within attention,
-but that GEMMs, attention and the fixed per-layer work run one after another
-(they are separate kernels).  Then the power limit applies
-(:func:`ttcsim.simulator.power.throttled_time_s`).
+``rl(a, b) = (a^p + b^p)^(1/p)`` is a smooth roofline: memory traffic and
+compute overlap within a kernel, imperfectly near the ridge point (``p`` =
+``roofline_exponent``; ``p -> inf`` is the classic ``max``).  ``B_w``/``B_attn``
+are achieved bandwidths, ``R_gemm``/``R_attn`` achieved FLOP rates at the
+maximum clock (peak times calibrated efficiency).  GEMMs, attention and the
+fixed per-layer work are separate kernels, so their times add.  ``s = 1``
+unless the pass would exceed the power limit, in which case ``s`` is set by
+:func:`ttcsim.simulator.power.solve_clock_scale`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttcsim.simulator.coefficients import PassCoefficients
-from ttcsim.simulator.power import throttled_time_s
+from ttcsim.simulator.power import solve_clock_scale
 
 
 @dataclass(frozen=True)
@@ -55,20 +59,40 @@ def weight_bytes_read(c: PassCoefficients, tokens) -> np.ndarray:
     return c.shared_weight_bytes + touched * c.expert_bytes
 
 
-def linear_time_s(c: PassCoefficients, tokens) -> np.ndarray:
-    """``max(W(T) / B_w, T * F_lin / R_gemm)`` [s]."""
+def smooth_roofline(a, b, p: float):
+    """``(a^p + b^p)^(1/p)`` computed stably (``max(a, b)`` for ``p`` >= 64)."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    hi = np.maximum(a, b)
+    if p >= 64:
+        return hi
+    lo = np.minimum(a, b)
+    ratio = np.divide(lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    return hi * np.power(1.0 + np.power(ratio, p), 1.0 / p)
+
+
+def linear_time_s(c: PassCoefficients, tokens, clock_scale=1.0) -> np.ndarray:
+    """GEMM time ``rl(W(T) / B_w, T * F_lin / (R_gemm * s))`` [s]."""
     tokens = np.asarray(tokens, dtype=float)
-    return np.maximum(
+    return smooth_roofline(
         weight_bytes_read(c, tokens) / c.weight_bandwidth_bytes_per_s,
-        tokens * c.linear_flops_per_token / c.gemm_flops_per_s,
+        tokens * c.linear_flops_per_token / (c.gemm_flops_per_s * clock_scale),
+        c.roofline_exponent,
     )
 
 
 def attention_time_per_pair_s(c: PassCoefficients) -> float:
-    """Decode attention time per (query, cached key) pair: memory or compute bound [s]."""
-    return max(
-        c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s,
-        c.attention_flops_per_pair / c.attention_flops_per_s,
+    """Decode attention time per (query, cached key) pair at full clock [s].
+
+    Both the KV bytes and the FLOPs are proportional to the pairs, so the
+    smooth roofline of the two is too.
+    """
+    return float(
+        smooth_roofline(
+            c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s,
+            c.attention_flops_per_pair / c.attention_flops_per_s,
+            c.roofline_exponent,
+        )
     )
 
 
@@ -87,29 +111,57 @@ def forward_pass(c: PassCoefficients, tokens, kv_read_tokens, attention_pairs) -
     kv_read_tokens : cached tokens whose K/V the pass reads from HBM
     attention_pairs : (query, key) pairs the attention computes
     """
-    tokens = np.asarray(tokens, dtype=float)
-    kv_read = np.asarray(kv_read_tokens, dtype=float)
-    pairs = np.asarray(attention_pairs, dtype=float)
-    w_bytes = weight_bytes_read(c, tokens)
-    t_lin = linear_time_s(c, tokens)
-    t_attn = np.maximum(
-        kv_read * c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s,
-        pairs * c.attention_flops_per_pair / c.attention_flops_per_s,
+    tokens, kv_read, pairs = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (tokens, kv_read_tokens, attention_pairs))
     )
-    t = t_lin + t_attn + fixed_time_s(c, tokens)
-    e_dyn = (
-        c.energy_per_byte_j * (w_bytes + (kv_read + tokens) * c.kv_bytes_per_token)
-        + c.energy_per_linear_flop_j * tokens * c.linear_flops_per_token
+    shape = tokens.shape
+    tokens, kv_read, pairs = (v.reshape(-1) for v in (tokens, kv_read, pairs))
+    w_bytes = weight_bytes_read(c, tokens)
+    t_wm = w_bytes / c.weight_bandwidth_bytes_per_s
+    t_wc = tokens * c.linear_flops_per_token / c.gemm_flops_per_s
+    t_am = kv_read * c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s
+    t_ac = pairs * c.attention_flops_per_pair / c.attention_flops_per_s
+    t_fix = fixed_time_s(c, tokens)
+    p = c.roofline_exponent
+
+    def time_at(s, idx=None):
+        sel = (lambda v: v) if idx is None else (lambda v: v[idx])
+        return (
+            smooth_roofline(sel(t_wm), sel(t_wc) / s, p)
+            + smooth_roofline(sel(t_am), sel(t_ac) / s, p)
+            + sel(t_fix)
+        )
+
+    e_mem = c.energy_per_byte_j * (w_bytes + (kv_read + tokens) * c.kv_bytes_per_token)
+    e_comp = (
+        c.energy_per_linear_flop_j * tokens * c.linear_flops_per_token
         + c.energy_per_attention_flop_j * pairs * c.attention_flops_per_pair
     )
-    t_cap = throttled_time_s(t, e_dyn, c.static_power_w, c.power_limit_w)
+    t = time_at(1.0)
     active = tokens > 0
-    t_cap = np.where(active, t_cap, 0.0)
+    safe_t = np.where(active, t, 1.0)
+    throttled = active & (c.static_power_w + (e_mem + e_comp) / safe_t > c.power_limit_w)
+    e_dyn = e_mem + e_comp
+    if throttled.any():
+        idx = np.nonzero(throttled)
+        s = solve_clock_scale(
+            lambda x: time_at(x, idx),
+            e_mem[idx],
+            e_comp[idx],
+            c.static_power_w,
+            c.power_limit_w,
+            c.dvfs_energy_exponent,
+        )
+        t = t.copy()
+        e_dyn = e_dyn.copy()
+        t[idx] = time_at(s, idx)
+        e_dyn[idx] = e_mem[idx] + s**c.dvfs_energy_exponent * e_comp[idx]
+    t = np.where(active, t, 0.0)
     e_dyn = np.where(active, e_dyn, 0.0)
-    energy = c.n_gpus * (c.static_power_w * t_cap + e_dyn)
+    energy = c.n_gpus * (c.static_power_w * t + e_dyn)
     return PassCost(
-        time_s=t_cap,
-        dynamic_energy_j=c.n_gpus * e_dyn,
-        energy_j=energy,
-        throttled=active & (t_cap > t),
+        time_s=t.reshape(shape),
+        dynamic_energy_j=(c.n_gpus * e_dyn).reshape(shape),
+        energy_j=energy.reshape(shape),
+        throttled=throttled.reshape(shape),
     )
