@@ -1,18 +1,35 @@
 """Token-length distributions and their spec grammar.
 
 A length is a positive integer.  Continuous families are discretised as
-``L = min(ceil(X), max)`` (at least 1), so ``P(L > s) = P(X > s)`` for
-integer ``s < max`` and 0 beyond.
+``L = min(ceil(X), max)`` with ``X`` conditioned on ``X > min - 1``, so for
+integer ``s``::
+
+    P(L > s) = 1                                   s < min
+             = P(X > s) / P(X > min - 1)           min <= s < max
+             = 0                                   s >= max
+
+``min`` *truncates* (lengths below it never occur: a truncated normal), while
+``max`` *clips* (a generation cap: longer outputs are cut at ``max`` tokens,
+so ``P(L = max)`` holds the whole tail).
 
 Spec grammar (``--output-tokens`` / ``--prompt-tokens``)::
 
     800                                   fixed length
-    700,900,1200                          one length per generated sequence
-    lognormal:median=800,sigma=0.7[,max=8192]
-    gamma:mean=800,shape=2[,max=...]
-    normal:mean=800,std=200[,min=1][,max=...]     (truncated normal)
-    empirical:FILE.csv[,column=NAME]      observed lengths, one per row
+    700,900,1200                          output: one length per generated sequence;
+                                          prompt: equally likely prompt lengths
+    lognormal:median=800,sigma=0.7[,max=8192]      (or mean= instead of median=)
+    gamma:mean=800,shape=2[,min=...][,max=...]
+    normal:mean=800,std=200[,min=1][,max=...]      (truncated normal; alias truncnormal)
+    empirical:FILE.csv[,column=NAME][,weight=NAME] observed lengths, one per row, or a
+                                          histogram: lengths with a count column
     mix:0.6*lognormal:median=300,sigma=0.5|0.4*lognormal:median=3000,sigma=0.6
+
+Moments and quantiles are exact sums over the integer support
+(``E[L] = sum_{s>=0} P(L > s)``); unbounded families are cut where the tail
+mass falls below :data:`TAIL_PROBABILITY`.  Transforms used by strategies and
+metrics: :class:`Clipped` (budget forcing) and :class:`Shifted` (marginal
+costs).  :func:`quadrature_nodes` turns a prompt-length distribution into a
+few weighted points for exact-in-probability expectations.
 """
 
 from __future__ import annotations
@@ -134,24 +151,121 @@ class Continuous(LengthDistribution):
 
 @dataclass(frozen=True)
 class Empirical(LengthDistribution):
-    """Observed lengths, each equally likely."""
+    """Observed lengths: each value is drawn with probability ``weight / sum(weights)``.
+
+    Without weights every observation is equally likely.  ``P(L > s)`` is the
+    weighted fraction of observations above ``s``.
+    """
 
     values: tuple[float, ...]
     label: str = "empirical"
+    weights: tuple[float, ...] | None = None
     kind = "empirical"
 
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted values and their cumulative probabilities (cached)."""
+        cached = self.__dict__.get("_cached_table")
+        if cached is None:
+            v = np.asarray(self.values, dtype=float)
+            w = np.ones_like(v) if self.weights is None else np.asarray(self.weights, dtype=float)
+            order = np.argsort(v, kind="stable")
+            v, w = v[order], w[order]
+            cached = (v, np.cumsum(w) / w.sum())
+            object.__setattr__(self, "_cached_table", cached)
+        return cached
+
     def survival(self, s):  # noqa: D102
-        v = np.sort(np.asarray(self.values))
-        return 1.0 - np.searchsorted(v, np.asarray(s, dtype=float), side="right") / v.size
+        v, cdf = self._table()
+        idx = np.searchsorted(v, np.asarray(s, dtype=float), side="right")
+        below = np.where(idx > 0, cdf[np.maximum(idx - 1, 0)], 0.0)
+        return np.clip(1.0 - below, 0.0, 1.0)
 
     def upper_bound(self):  # noqa: D102
         return int(max(self.values))
 
     def sample(self, rng, size):  # noqa: D102
-        return rng.choice(np.asarray(self.values, dtype=float), size=size)
+        v, cdf = self._table()
+        if self.weights is None:
+            return rng.choice(np.asarray(self.values, dtype=float), size=size)
+        u = rng.uniform(0.0, 1.0, size)
+        return v[np.minimum(np.searchsorted(cdf, u, side="right"), v.size - 1)]
 
     def __str__(self) -> str:
         return self.label
+
+
+@dataclass(frozen=True)
+class Clipped(LengthDistribution):
+    """``L' = min(max(L, lo), hi)``: lengths forced up to ``lo`` and cut at ``hi``.
+
+    ``P(L' > s) = 1`` for ``s < lo``, ``P(L > s)`` for ``lo <= s < hi``, 0 for
+    ``s >= hi`` (budget forcing: forced continuations below ``lo``, a forced end
+    at ``hi``).
+    """
+
+    base: LengthDistribution
+    lo: int = 1
+    hi: int | None = None
+    kind = "clipped"
+
+    def survival(self, s):  # noqa: D102
+        s = np.asarray(s, dtype=float)
+        p = np.where(s < self.lo, 1.0, self.base.survival(s))
+        if self.hi is not None:
+            p = np.where(s >= self.hi, 0.0, p)
+        return p
+
+    def upper_bound(self):  # noqa: D102
+        ub = max(self.base.upper_bound(), self.lo)
+        return ub if self.hi is None else min(ub, self.hi)
+
+    def sample(self, rng, size):  # noqa: D102
+        return np.clip(self.base.sample(rng, size), self.lo, self.hi)
+
+    @property
+    def is_fixed(self):  # noqa: D102
+        return self.base.is_fixed or (self.hi is not None and self.hi <= self.lo)
+
+    @property
+    def tokens(self) -> int:
+        """The single length when :attr:`is_fixed` [tokens]."""
+        if self.hi is not None and self.hi <= self.lo:
+            return int(self.hi)
+        return int(min(max(self.base.tokens, self.lo), self.hi or ABSOLUTE_MAX_TOKENS))
+
+    def __str__(self) -> str:
+        return f"clip({self.base},min={self.lo},max={self.hi if self.hi is not None else 'none'})"
+
+
+@dataclass(frozen=True)
+class Shifted(LengthDistribution):
+    """``L' = L + delta`` (``delta >= 0``): ``P(L' > s) = P(L > s - delta)``."""
+
+    base: LengthDistribution
+    delta: int
+    kind = "shifted"
+
+    def survival(self, s):  # noqa: D102
+        s = np.asarray(s, dtype=float)
+        return np.where(s < self.delta, 1.0, self.base.survival(s - self.delta))
+
+    def upper_bound(self):  # noqa: D102
+        return self.base.upper_bound() + self.delta
+
+    def sample(self, rng, size):  # noqa: D102
+        return self.base.sample(rng, size) + self.delta
+
+    @property
+    def is_fixed(self):  # noqa: D102
+        return self.base.is_fixed
+
+    @property
+    def tokens(self) -> int:
+        """The single length when :attr:`is_fixed` [tokens]."""
+        return int(self.base.tokens) + self.delta
+
+    def __str__(self) -> str:
+        return f"{self.base}+{self.delta}"
 
 
 @dataclass(frozen=True)
@@ -200,7 +314,10 @@ def _kv(body: str, where: str) -> dict[str, str]:
         if "=" not in part:
             raise TtcsimError(f"expected key=value, got {part!r}", where)
         k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
+        k = k.strip()
+        if k in out:
+            raise TtcsimError(f"{k}= given twice", where)
+        out[k] = v.strip()
     return out
 
 
@@ -318,8 +435,11 @@ def _parse_mixture(body: str, text: str, where: str) -> Mixture:
 
 def _parse_empirical(body: str, where: str) -> Empirical:
     path_text, _, opts = body.partition(",")
-    column = _kv(opts, where).get("column") if opts else None
-    path = Path(path_text)
+    params = _kv(opts, where) if opts else {}
+    column, weight = params.pop("column", None), params.pop("weight", None)
+    if params:
+        raise TtcsimError(f"unknown parameter(s) {sorted(params)} for empirical", where)
+    path = Path(path_text.strip())
     try:
         import pandas as pd
 
@@ -328,11 +448,118 @@ def _parse_empirical(body: str, where: str) -> Empirical:
         raise TtcsimError(f"no such file {path}", where) from None
     except Exception as exc:  # pandas raises many parser errors
         raise TtcsimError(f"cannot read {path}: {exc}", where) from None
+    if frame.empty:
+        raise TtcsimError(f"{path} has no rows", where)
     col = column or frame.columns[0]
-    if col not in frame:
-        raise TtcsimError(f"{path} has no column {col!r}", where)
-    values = pd.to_numeric(frame[col], errors="coerce").dropna().to_numpy()
-    values = values[values >= 1]
-    if values.size == 0:
-        raise TtcsimError(f"{path}: no lengths >= 1 in column {col!r}", where)
-    return Empirical(tuple(float(v) for v in np.ceil(values)), label=f"empirical:{path.name}")
+    for name in (col, weight):
+        if name is not None and name not in frame:
+            cols = list(frame.columns)
+            raise TtcsimError(f"{path} has no column {name!r}; columns: {cols}", where)
+    values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+    bad = ~(np.isfinite(values) & (values >= 1) & (values <= ABSOLUTE_MAX_TOKENS))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise TtcsimError(
+            f"{path}: {int(bad.sum())} row(s) of column {col!r} are not lengths in "
+            f"1..{ABSOLUTE_MAX_TOKENS} (first: data row {row + 1}, {frame[col].iloc[row]!r})",
+            where,
+        )
+    weights = None
+    if weight is not None:
+        w = pd.to_numeric(frame[weight], errors="coerce").to_numpy(dtype=float)
+        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise TtcsimError(f"{path}: column {weight!r} must hold counts >= 0, not all 0", where)
+        keep = w > 0
+        values, weights = values[keep], tuple(float(x) for x in w[keep])
+    return Empirical(
+        tuple(float(v) for v in np.ceil(values)), label=f"empirical:{path.name}", weights=weights
+    )
+
+
+def shift_lengths(lengths: LengthSpec, delta: int) -> LengthSpec:
+    """Every length plus ``delta >= 0`` tokens (used for marginal costs)."""
+    if delta < 0:
+        raise ValueError("delta must be >= 0")
+    if delta == 0:
+        return lengths
+    if isinstance(lengths, LengthList):
+        return LengthList(tuple(v + delta for v in lengths.values))
+    if isinstance(lengths, Fixed):
+        return Fixed(lengths.tokens + delta)
+    return Shifted(lengths, delta)
+
+
+def clip_lengths(lengths: LengthSpec, lo: int = 1, hi: int | None = None) -> LengthSpec:
+    """Lengths forced into ``[lo, hi]`` (see :class:`Clipped`)."""
+    if isinstance(lengths, LengthList):
+        v = np.clip(np.asarray(lengths.values), lo, hi)
+        return LengthList(tuple(int(x) for x in v))
+    if isinstance(lengths, Fixed):
+        return Fixed(int(np.clip(lengths.tokens, lo, hi)))
+    return Clipped(lengths, lo, hi)
+
+
+def as_distribution(lengths: LengthSpec) -> LengthDistribution:
+    """A length list read as equally likely values (how prompt-length lists are read)."""
+    if isinstance(lengths, LengthList):
+        if len(set(lengths.values)) == 1:
+            return Fixed(int(lengths.values[0]))
+        return Empirical(tuple(float(v) for v in lengths.values), label=str(lengths))
+    return lengths
+
+
+#: Points used to integrate over a prompt-length distribution.
+MAX_QUADRATURE_NODES = 64
+#: Probability mass of the upper tail that quadrature_nodes refines geometrically.
+TAIL_STRATA_MASS = 0.04
+
+
+def quadrature_nodes(
+    dist: LengthDistribution, max_nodes: int = MAX_QUADRATURE_NODES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted points ``(values, weights)`` standing in for a length distribution.
+
+    ``E[f(L)] ~= sum_i w_i f(v_i)``.  Exact (the support with its
+    probabilities) when the distribution takes at most ``max_nodes`` values.
+    Otherwise the probability axis is cut into strata ``(u_{i-1}, u_i]`` and
+    each is represented by its conditional mean ``v_i = integral q(u) du /
+    (u_i - u_{i-1})`` (``q`` the quantile function) with weight ``u_i - u_{i-1}``:
+    exact for any ``f`` affine within a stratum, and ``sum_i w_i v_i = E[L]``
+    always.  Three quarters of the nodes cut ``[0, 0.96]`` evenly; the rest
+    halve the remaining tail again and again (``1 - 0.04/2^j``), because
+    heavy-tailed lengths put much of a convex cost there (for a lognormal
+    with sigma 0.9, ``E[L^2]`` comes out within 0.3 %).  Weights sum to 1.
+    """
+    if dist.is_fixed:
+        return np.array([float(dist.tokens)]), np.array([1.0])
+    ub = max(dist.upper_bound(), 1)
+    s = np.arange(0, ub + 1, dtype=float)
+    surv = np.asarray(dist.survival(s), dtype=float)
+    cdf = 1.0 - surv  # cdf[l] = P(L <= l)
+    pmf = np.diff(cdf)  # pmf[l-1] = P(L = l), l = 1..ub
+    lengths = s[1:]
+    support = pmf > 0
+    if support.sum() <= max_nodes:
+        v, w = lengths[support], pmf[support]
+        return v, w / w.sum()
+    cdf = cdf[1:] / cdf[-1]
+    partial = np.concatenate([[0.0], np.cumsum(lengths * pmf / pmf.sum())])
+
+    def integral(u):  # int_0^u q(v) dv
+        idx = np.minimum(np.searchsorted(cdf, u, side="left"), cdf.size - 1)
+        prev = np.where(idx > 0, cdf[np.maximum(idx - 1, 0)], 0.0)
+        return partial[idx] + lengths[idx] * (u - prev)
+
+    body = (3 * max_nodes) // 4
+    edges = np.concatenate(
+        [
+            np.linspace(0.0, 1.0 - TAIL_STRATA_MASS, body + 1),
+            1.0 - TAIL_STRATA_MASS * 0.5 ** np.arange(1, max_nodes - body),
+            [1.0],
+        ]
+    )
+    widths = np.diff(edges)
+    values = np.diff(integral(edges)) / widths
+    # strata inside one atom (e.g. the mass a max= clip piles at max) are one node
+    merged, where = np.unique(np.round(values, 6), return_inverse=True)
+    return merged, np.bincount(where.ravel(), widths, merged.size)

@@ -1,4 +1,4 @@
-"""Phases a strategy is built from: prefill, decode, scoring.
+"""Phases a strategy is built from: prefill, decode, scoring, and their building blocks.
 
 Each function returns a :class:`PhaseCost` for a *batch* of ``Q`` concurrent
 queries.  Lengths come in three forms:
@@ -22,10 +22,13 @@ from ttcsim.errors import TtcsimError
 from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import PassCoefficients
 from ttcsim.simulator.decode import (
+    MAX_EXACT_STEPS,
+    _binomial_grid,
     decode_draws,
     decode_time_per_query_s,
     deterministic_decode,
     expected_decode,
+    segment_cost,
 )
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
@@ -33,9 +36,15 @@ from ttcsim.simulator.roofline import forward_pass
 
 @dataclass(frozen=True)
 class Draws:
-    """Monte-Carlo lengths: ``values[d, i]`` is sequence ``i``'s length in draw ``d``."""
+    """Monte-Carlo lengths: ``values[d, i]`` is sequence ``i``'s length in draw ``d``.
+
+    ``uniforms`` (same shape, optional) are independent U(0,1) variates for
+    strategies whose cost is random beyond the lengths (adaptive voting draws
+    its number of samples from them).
+    """
 
     values: np.ndarray
+    uniforms: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class PhaseCost:
     peak_power_w: float
     generated_tokens: float | np.ndarray = 0.0
     throttled: bool = False
+    #: new tokens run through the model in this phase (prefill/score: tokens read in)
+    processed_tokens: float | np.ndarray = 0.0
 
 
 def _expand(lengths, n_queries: int, samples: int, where: str) -> np.ndarray:
@@ -103,6 +114,7 @@ def prefill_phase(
         dynamic_energy_j=float(cost.dynamic_energy_j),
         peak_power_w=float(average_power_w(e, t)),
         throttled=bool(cost.throttled),
+        processed_tokens=float(tokens),
     )
 
 
@@ -187,4 +199,402 @@ def score_phase(
         dynamic_energy_j=cost.dynamic_energy_j if np.ndim(energy) else float(cost.dynamic_energy_j),
         peak_power_w=peak,
         throttled=bool(np.any(cost.throttled)),
+        processed_tokens=tokens if np.ndim(tokens) else float(tokens),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Primitives for the richer strategies (beam, refine, speculative decoding...).
+# All of them take a matrix of lengths ``(draws, sequences)``: one row for a
+# deterministic workload, many for Monte Carlo.  Fields of the returned
+# PhaseCost are arrays over draws; :func:`squeeze` turns a one-row result into
+# floats.
+# ---------------------------------------------------------------------------
+
+#: Tokens per KV-cache block (vLLM's default page size): the unit of copy-on-write.
+KV_BLOCK_TOKENS = 16
+
+
+def squeeze(phase: PhaseCost) -> PhaseCost:
+    """A one-draw PhaseCost with float fields (arrays of shape ``(1,)`` become floats)."""
+
+    def f(v):
+        return float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) else v
+
+    return PhaseCost(
+        name=phase.name,
+        time_s=f(phase.time_s),
+        query_time_s=f(phase.query_time_s),
+        energy_j=f(phase.energy_j),
+        dynamic_energy_j=f(phase.dynamic_energy_j),
+        peak_power_w=phase.peak_power_w,
+        generated_tokens=f(phase.generated_tokens),
+        throttled=phase.throttled,
+        processed_tokens=f(phase.processed_tokens),
+    )
+
+
+#: Passes evaluated at once by :func:`pass_series_cost` (bounds its memory).
+_SERIES_CHUNK = 2_000_000
+#: Elements of the (draws, steps, candidates) arrays of stepwise_score_phase at once.
+_CHUNK_ELEMENTS = 2_000_000
+
+
+def pass_series_cost(c: PassCoefficients, tokens, kv0, dkv, pairs0, dpairs, n_passes):
+    """Totals of series of forward passes whose context grows linearly.
+
+    Series ``i`` has ``n_i`` passes; pass ``k = 0 .. n_i - 1`` runs ``T_i`` new
+    tokens, reads ``K0_i + k*dK_i`` cached tokens and computes
+    ``A0_i + k*dA_i`` attention pairs, priced by
+    :func:`ttcsim.simulator.roofline.forward_pass` (whatever its roofline and
+    power-limit model).  Every pass is evaluated, vectorised over all series in
+    chunks of :data:`_SERIES_CHUNK` passes: O(passes) work, no Python loop per
+    pass.  This generalises :func:`~ttcsim.simulator.decode.segment_cost`
+    (``T = b``, ``K = A = b*(P+s)``) to passes with several query tokens per
+    sequence, such as a speculative verification pass, whose attention pairs
+    are not proportional to its cached reads.  Arguments broadcast.
+
+    Returns ``(time_s, dynamic_energy_j, energy_j)`` with the broadcast shape;
+    energies summed over GPUs.
+    """
+    args = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (tokens, kv0, dkv, pairs0, dpairs, n_passes))
+    )
+    shape = args[0].shape
+    t_tok, k0, dk, a0, da, n = (a.ravel() for a in args)
+    n = np.where(t_tok > 0, np.maximum(np.round(n), 0), 0).astype(np.int64)
+    time = np.zeros(n.size)
+    e_dyn = np.zeros(n.size)
+    energy = np.zeros(n.size)
+    ends = np.cumsum(n)
+    start = 0
+    while start < n.size:
+        # series [start, stop) hold at most _SERIES_CHUNK passes (at least one series)
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + _SERIES_CHUNK, side="right")))
+        counts = n[start:stop]
+        owner = np.repeat(np.arange(counts.size), counts)
+        k = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        idx = start + owner
+        cost = forward_pass(c, t_tok[idx], k0[idx] + k * dk[idx], a0[idx] + k * da[idx])
+        time[start:stop] = np.bincount(owner, cost.time_s, counts.size)
+        e_dyn[start:stop] = np.bincount(owner, cost.dynamic_energy_j, counts.size)
+        energy[start:stop] = np.bincount(owner, cost.energy_j, counts.size)
+        start = stop
+    return time.reshape(shape), e_dyn.reshape(shape), energy.reshape(shape)
+
+
+@dataclass(frozen=True)
+class MatrixDecode:
+    """A decode over a ``(draws, sequences)`` length matrix: totals per draw.
+
+    ``group_finish_s[d, g]`` is when the last sequence of group ``g`` (``group``
+    consecutive sequences, e.g. one query's samples) finishes in draw ``d``.
+    """
+
+    time_s: np.ndarray
+    dynamic_energy_j: np.ndarray
+    energy_j: np.ndarray
+    group_finish_s: np.ndarray
+    generated_tokens: np.ndarray
+    peak_power_w: float
+
+
+def decode_matrix(
+    c: PassCoefficients,
+    prompt_tokens,
+    lengths: np.ndarray,
+    group: int = 1,
+    segment=None,
+) -> MatrixDecode:
+    """Decode the rows of a ``(draws, n)`` length matrix, each as one shrinking batch.
+
+    Like :func:`ttcsim.simulator.decode.deterministic_decode`, vectorised over
+    draws, and with a prompt length per sequence (``prompt_tokens`` scalar or
+    ``(draws, n)``): sorted by length, segment ``j`` holds the ``b_j = n - j``
+    longest sequences, whose attention reads ``sum_{i active} (P_i + s)``; the
+    segment's first context is therefore the mean prompt of its active
+    sequences plus ``s``.  A length of 0 marks an idle slot (no work).
+
+    ``segment(batch, first_context_tokens, n_steps) -> (t, e_dyn, e)`` prices a
+    run of steps at fixed batch (default: plain decode,
+    :func:`~ttcsim.simulator.decode.segment_cost`).
+    """
+    L = np.atleast_2d(np.asarray(lengths, dtype=float))
+    draws, n = L.shape
+    if segment is None:
+
+        def segment(b, ctx, k):
+            return segment_cost(c, b, ctx, k)
+
+    steps = np.maximum(L - 1.0, 0.0)
+    order = np.argsort(steps, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(steps, order, axis=1)
+    bounds = np.concatenate([np.zeros((draws, 1)), s_sorted], axis=1)
+    batch = (n - np.arange(n, dtype=float))[None, :]
+    if np.ndim(prompt_tokens) == 0:
+        first_ctx = float(prompt_tokens) + bounds[:, :-1] + 1.0
+    else:
+        p = np.broadcast_to(np.asarray(prompt_tokens, dtype=float), L.shape)
+        p_sorted = np.take_along_axis(p, order, axis=1)
+        suffix = np.cumsum(p_sorted[:, ::-1], axis=1)[:, ::-1]
+        first_ctx = suffix / batch + bounds[:, :-1] + 1.0
+    seg_steps = np.diff(bounds, axis=1)
+    priced = segment(batch, first_ctx, seg_steps)
+    t, e_dyn, e = (np.broadcast_to(x, seg_steps.shape) for x in priced)
+    finish = np.empty_like(t)
+    np.put_along_axis(finish, order, np.cumsum(t, axis=1), axis=1)
+    power = average_power_w(e, t)
+    return MatrixDecode(
+        time_s=t.sum(axis=1),
+        dynamic_energy_j=e_dyn.sum(axis=1),
+        energy_j=e.sum(axis=1),
+        group_finish_s=finish.reshape(draws, -1, group).max(axis=2),
+        generated_tokens=steps.sum(axis=1),
+        peak_power_w=float(power.max()) if power.size else 0.0,
+    )
+
+
+def decode_matrix_phase(
+    c: PassCoefficients,
+    prompt_tokens,
+    lengths: np.ndarray,
+    group: int = 1,
+    name: str = "decode",
+    segment=None,
+    wait_for_batch: bool = False,
+) -> PhaseCost:
+    """:func:`decode_matrix` as a phase; ``query_time_s`` is the mean group finish time.
+
+    With ``wait_for_batch`` a query waits for the whole batch (a round of a
+    sequential strategy that runs in lock step), so ``query_time_s = time_s``.
+    """
+    d = decode_matrix(c, prompt_tokens, lengths, group, segment)
+    q_time = d.time_s if wait_for_batch else d.group_finish_s.mean(axis=1)
+    return PhaseCost(
+        name=name,
+        time_s=d.time_s,
+        query_time_s=q_time,
+        energy_j=d.energy_j,
+        dynamic_energy_j=d.dynamic_energy_j,
+        peak_power_w=d.peak_power_w,
+        generated_tokens=d.generated_tokens,
+    )
+
+
+def prefill_matrix_phase(
+    c: PassCoefficients, new_tokens, cached_tokens=0.0, name: str = "prefill"
+) -> PhaseCost:
+    """One batched prefill per draw over sequences of different lengths.
+
+    ``new_tokens`` and ``cached_tokens`` are ``(draws, n)`` (or broadcast to it):
+    tokens ``sum_i S_i``, cached reads ``sum_i C_i``, pairs ``sum_i (S_i*C_i +
+    S_i*(S_i+1)/2)``.  A row of zeros costs nothing.
+    """
+    new = np.atleast_2d(np.asarray(new_tokens, dtype=float))
+    cached = np.broadcast_to(np.asarray(cached_tokens, dtype=float), new.shape) * (new > 0)
+    tokens = new.sum(axis=1)
+    cost = forward_pass(c, tokens, cached.sum(axis=1), arch.causal_pairs(new, cached).sum(axis=1))
+    return PhaseCost(
+        name=name,
+        time_s=cost.time_s,
+        query_time_s=cost.time_s,
+        energy_j=cost.energy_j,
+        dynamic_energy_j=cost.dynamic_energy_j,
+        peak_power_w=float(np.max(average_power_w(cost.energy_j, cost.time_s))),
+        throttled=bool(np.any(cost.throttled)),
+        processed_tokens=tokens,
+    )
+
+
+def kv_copy_phase(c: PassCoefficients, copied_tokens, name: str = "decode") -> PhaseCost:
+    """Copy-on-write of partially filled KV blocks: read + write ``copied_tokens`` tokens.
+
+    ``t = 2 * N * b_kv / B_attn`` and ``E = n_gpus * (P_static * t + e_B * 2 * N * b_kv)``
+    per GPU's shard (``copied_tokens`` per draw, an array).
+    """
+    moved = 2.0 * np.atleast_1d(np.asarray(copied_tokens, dtype=float)) * c.kv_bytes_per_token
+    t = moved / c.attention_bandwidth_bytes_per_s
+    e_dyn = c.energy_per_byte_j * moved
+    energy = c.n_gpus * (c.static_power_w * t + e_dyn)
+    return PhaseCost(
+        name=name,
+        time_s=t,
+        query_time_s=t,
+        energy_j=energy,
+        dynamic_energy_j=c.n_gpus * e_dyn,
+        peak_power_w=float(np.max(average_power_w(energy, t))),
+    )
+
+
+def speculation_tokens_per_pass(draft_tokens: int, acceptance: float) -> float:
+    """Expected tokens a target pass yields: ``tau = (1 - a^(k+1)) / (1 - a)`` (``k+1`` at a=1).
+
+    Leviathan et al. (2023), eq. 1: with i.i.d. per-token acceptance ``a`` the
+    accepted prefix of ``k`` drafted tokens plus the target's own correction
+    (or bonus) token.
+    """
+    k, a = draft_tokens, acceptance
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def speculative_segments(
+    target: PassCoefficients, draft: PassCoefficients, draft_tokens: int, acceptance: float
+):
+    """Segment pricers ``(target_segment, draft_segment)`` for :func:`decode_matrix`.
+
+    Fluid model: an iteration (``k`` draft decode passes, then one target pass
+    verifying ``k+1`` tokens) yields ``tau`` tokens on average, so each decoded
+    token position ``s`` costs ``1/tau`` of an iteration taken at context
+    ``P + s``.  Target pass at batch ``b``: ``T = b(k+1)`` tokens, ``K = b(P+s)``
+    cached reads, ``A = b((k+1)(P+s) + k(k+1)/2)`` pairs; draft passes: ``k``
+    plain decode steps at the mean draft context ``P + s + (k-1)/2``.
+    """
+    k = draft_tokens
+    tau = speculation_tokens_per_pass(k, acceptance)
+
+    def target_segment(b, ctx, n):
+        t, e_dyn, e = pass_series_cost(
+            target, b * (k + 1), b * ctx, b, b * ((k + 1) * ctx + k * (k + 1) / 2.0), b * (k + 1), n
+        )
+        return t / tau, e_dyn / tau, e / tau
+
+    def draft_segment(b, ctx, n):
+        t, e_dyn, e = segment_cost(draft, b, ctx + (k - 1) / 2.0, n)
+        return k * t / tau, k * e_dyn / tau, k * e / tau
+
+    return target_segment, draft_segment
+
+
+def speculative_step_costs(
+    target: PassCoefficients, draft: PassCoefficients, draft_tokens: int, acceptance: float
+):
+    """Per-step pricers ``(target, draft)`` ``f(b, ctx) -> PassCost``-like tuples (same model)."""
+    k = draft_tokens
+    tau = speculation_tokens_per_pass(k, acceptance)
+
+    def target_step(b, ctx):
+        cost = forward_pass(target, b * (k + 1), b * ctx, b * ((k + 1) * ctx + k * (k + 1) / 2.0))
+        return cost.time_s / tau, cost.dynamic_energy_j / tau, cost.energy_j / tau
+
+    def draft_step(b, ctx):
+        x = b * (ctx + (k - 1) / 2.0)
+        cost = forward_pass(draft, b, x, x)
+        return k * cost.time_s / tau, k * cost.dynamic_energy_j / tau, k * cost.energy_j / tau
+
+    return target_step, draft_step
+
+
+def expected_steps_phase(
+    step_cost,
+    prompt_tokens: float,
+    survival: np.ndarray,
+    n_sequences: int,
+    samples_per_query: int,
+    name: str = "decode",
+) -> PhaseCost:
+    """Expected cost of a decode whose step is priced by ``step_cost(b, ctx) -> (t, e_dyn, e)``.
+
+    Same expectation as :func:`ttcsim.simulator.decode.expected_decode` (batch
+    ``B(s) ~ Binomial(n, S(s))`` at step ``s``, context ``P + s``, blocks of
+    steps beyond :data:`~ttcsim.simulator.decode.MAX_EXACT_STEPS`), for any
+    per-step price, e.g. a speculative-decoding iteration.
+    """
+    survival = np.asarray(survival, dtype=float)
+    n_steps = survival.size
+    block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
+    if block > 1:
+        n_blocks = int(np.ceil(n_steps / block))
+        pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
+        surv = pad.reshape(n_blocks, block).mean(axis=1)
+        steps_s = np.arange(n_blocks) * block + (block + 1) / 2.0
+        weight = np.full(n_blocks, float(block))
+    else:
+        surv, steps_s, weight = survival, np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
+
+    def grid(n: int):
+        b, pmf = _binomial_grid(n, surv)
+        return b, pmf, step_cost(b, prompt_tokens + steps_s[:, None])
+
+    b, pmf, (t, e_dyn, e) = grid(n_sequences)
+    w = pmf * weight[:, None]
+    time_s = float((w * t).sum())
+    q_time = time_s
+    others = n_sequences - samples_per_query
+    if others > 0:
+        _, pmf_o, (t_o, _, _) = grid(others)
+        done = (1.0 - surv) ** samples_per_query
+        q_time = time_s - float((weight[:, None] * done[:, None] * pmf_o * t_o).sum())
+    peak = float(np.max(average_power_w(e, t), initial=0.0))
+    return PhaseCost(
+        name=name,
+        time_s=time_s,
+        query_time_s=q_time,
+        energy_j=float((w * e).sum()),
+        dynamic_energy_j=float((w * e_dyn).sum()),
+        peak_power_w=peak,
+        generated_tokens=float((w * b).sum()),
+    )
+
+
+def stepwise_score_phase(
+    rm: PassCoefficients,
+    prompt_tokens: float,
+    lengths: np.ndarray,
+    step_tokens: int,
+    group: int,
+    prefix_cache: bool,
+) -> PhaseCost:
+    """A reward-model pass over every candidate after each reasoning step of ``T`` tokens.
+
+    Boundary ``j = 0, 1, ...`` scores chunk ``c_i = clip(L_i - jT, 0, T)`` of every
+    candidate still running, all candidates in one batched pass.  With prefix
+    caching the RM keeps each candidate's KV: new tokens ``c_i`` over ``P + jT``
+    cached; without it the pass re-reads the whole prefix, ``P + jT + c_i`` new
+    tokens.  ``lengths`` is ``(draws, n)``; a query (``group`` candidates) waits
+    until its longest candidate's last boundary.
+    """
+    L = np.atleast_2d(lengths)
+    draws, n = L.shape
+    k_max = max(int(np.ceil(L.max() / step_tokens)), 1)
+    offsets = np.arange(k_max, dtype=float) * step_tokens
+    rows = max(1, _CHUNK_ELEMENTS // (k_max * n))
+    time = np.empty(draws)
+    e_dyn = np.empty(draws)
+    energy = np.empty(draws)
+    tokens_total = np.empty(draws)
+    finish = np.empty((draws, n // group))
+    peak, throttled = 0.0, False
+    last = np.ceil(L.reshape(draws, -1, group).max(axis=2) / step_tokens).astype(int) - 1
+    for lo in range(0, draws, rows):
+        hi = min(draws, lo + rows)
+        chunk = np.clip(L[lo:hi, None, :] - offsets[None, :, None], 0.0, float(step_tokens))
+        active = chunk > 0
+        if prefix_cache:
+            new = chunk
+            cached = (prompt_tokens + offsets)[None, :, None] * active
+        else:
+            new = (prompt_tokens + offsets[None, :, None] + chunk) * active
+            cached = np.zeros_like(new)
+        tokens = new.sum(axis=2)
+        cost = forward_pass(
+            rm, tokens, cached.sum(axis=2), arch.causal_pairs(new, cached).sum(axis=2)
+        )
+        time[lo:hi] = cost.time_s.sum(axis=1)
+        e_dyn[lo:hi] = cost.dynamic_energy_j.sum(axis=1)
+        energy[lo:hi] = cost.energy_j.sum(axis=1)
+        tokens_total[lo:hi] = tokens.sum(axis=1)
+        cumulative = np.cumsum(cost.time_s, axis=1)
+        finish[lo:hi] = np.take_along_axis(cumulative, last[lo:hi], axis=1)
+        peak = max(peak, float(np.max(average_power_w(cost.energy_j, cost.time_s))))
+        throttled = throttled or bool(np.any(cost.throttled))
+    return PhaseCost(
+        name="score",
+        time_s=time,
+        query_time_s=finish.mean(axis=1),
+        energy_j=energy,
+        dynamic_energy_j=e_dyn,
+        peak_power_w=peak,
+        throttled=throttled,
+        processed_tokens=tokens_total,
     )

@@ -1,0 +1,202 @@
+"""``ttcsim curve`` and ``ttcsim metrics``: operating curves and energy-per-token tables.
+
+Thin commands: parse options, call one function of :mod:`ttcsim.curves` or
+:mod:`ttcsim.metrics`, format.  Only click is imported at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+
+def _friendly(fn):
+    """Defer to :func:`ttcsim.cli._friendly` (imported late: cli imports this module)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ttcsim.cli import _friendly as friendly
+
+        return friendly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _strategies(values: tuple[str, ...]) -> list[str]:
+    """Repeated --strategy options; ``;`` also separates specs (commas belong to options)."""
+    out = [s.strip() for v in values for s in v.split(";") if s.strip()]
+    return out or ["single"]
+
+
+def _workload_options(fn):
+    """Options shared by ``curve`` and ``metrics`` (the predict workload)."""
+    options = [
+        click.option("--hw", default="h100", show_default=True,
+                     help="Hardware profile(s), comma-separated (e.g. h100,h200,a100)."),
+        click.option("--model", "model", default="8b", show_default=True,
+                     help="Model(s), comma-separated (e.g. 8b,70b)."),
+        click.option("--strategy", "strategies", multiple=True,
+                     help="Strategy spec, repeatable (see `ttcsim strategies`); default single."),
+        click.option("--prompt-tokens", default="512", show_default=True,
+                     help="Prompt length: N, a list of equally likely lengths, or a distribution."),
+        click.option("--output-tokens", default="1024", show_default=True,
+                     help="Output length per sequence: N, a list, or a distribution."),
+        click.option("--concurrency", default=1, show_default=True, type=int,
+                     help="Queries batched together."),
+        click.option("--tp", default="1", show_default=True,
+                     help="Tensor-parallel GPUs (curve: or auto, the smallest that fits)."),
+        click.option("--dtype", "weight_dtype", default="bf16", show_default=True,
+                     help="Weight dtype: bf16, fp16, fp8, int4."),
+        click.option("--kv-dtype", default=None, help="KV-cache dtype (default bf16)."),
+        click.option("--reward-model", default=None,
+                     help="Reward / verifier model for bon, prm-bon, beam (default: policy)."),
+        click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+                     help="Share prompt prefills and KV between samples."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command("curve")
+@_workload_options
+@click.option("--vary", required=True,
+              help="AXIS=LO..HI or AXIS=a,b,c; AXIS: output-tokens, prompt-tokens, context, "
+                   "concurrency, samples.")
+@click.option("--points", default=12, show_default=True, type=int,
+              help="Points of a LO..HI range (geometric when HI/LO >= 10).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Write the curve as CSV (tidy, unit-suffixed columns).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG: energy per query and per output token against the axis.")
+@click.option("--metric", "metrics", multiple=True,
+              help="Column(s) to plot (default energy_j and j_per_output_token).")
+@_friendly
+def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, **kw) -> None:
+    """Operating curve: energy per query along one workload axis."""
+    from ttcsim.curves import CURVE_METRICS, operating_curve
+    from ttcsim.errors import TtcsimError
+
+    for m in metrics:
+        if m not in CURVE_METRICS:
+            raise TtcsimError(f"unknown metric {m!r}; valid: {', '.join(CURVE_METRICS)}",
+                              "--metric")
+    frame = operating_curve(vary, hw=_names(hw), model=_names(model),
+                            strategy=_strategies(strategies), points=points, **kw)
+    if out_path:
+        from ttcsim.io import atomic_write_text
+
+        atomic_write_text(out_path, frame.to_csv(index=False))
+        click.echo(f"wrote {len(frame)} points -> {out_path}")
+    if plot_path:
+        from ttcsim.plotting import plot_curve
+
+        plot_curve(frame, plot_path, metrics=tuple(metrics) or ("energy_j", "j_per_output_token"))
+        click.echo(f"plot -> {plot_path}")
+    if not out_path:
+        _print_curve(frame)
+    bad = frame[frame["status"] != "ok"]
+    if len(bad):
+        click.echo(f"note: {len(bad)} point(s) could not run, e.g. {bad['status'].iloc[0]}",
+                   err=True)
+
+
+def _print_curve(frame) -> None:
+    axis = frame["vary"].iloc[0]
+    w = max(8, *(len(s) for s in frame["strategy"]))
+    click.echo(f"{'hw':<16} {'model':<14} {'strategy':<{w}} {axis:>14} {'J/query':>10} "
+               f"{'J/out tok':>10} {'latency s':>10}")
+    for r in frame.itertuples():
+        if r.status != "ok":
+            click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14}  {r.status}")
+            continue
+        click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14} {r.energy_j:10.1f} "
+                   f"{r.j_per_output_token:10.4f} {r.latency_s:10.2f}")
+
+
+def _int_option(text: str, where: str) -> int:
+    from ttcsim.errors import TtcsimError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise TtcsimError(f"must be a whole number, got {text!r}", where) from None
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+@click.command("metrics")
+@_workload_options
+@click.option("--seed", default=0, show_default=True, type=int, help="Monte-Carlo seed.")
+@click.option("--draws", default=2000, show_default=True, type=int,
+              help="Monte-Carlo draws for percentiles (and means without an exact form).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a histogram PNG of per-query energy over the draws.")
+@_friendly
+def metrics(hw, model, strategies, seed, draws, as_json, csv_path, plot_path, **kw) -> None:
+    """Energy-per-token metrics of one or more strategies, side by side."""
+    from ttcsim.metrics import energy_samples, metrics_table
+
+    specs = _strategies(strategies)
+    kw["tp"] = _int_option(kw["tp"], "--tp")
+    frame = metrics_table(specs, hw=_names(hw), model=_names(model), seed=seed, draws=draws,
+                          **kw)
+    if csv_path:
+        from ttcsim.io import atomic_write_text
+
+        atomic_write_text(csv_path, frame.to_csv(index=False))
+    if plot_path:
+        from ttcsim.plotting import plot_energy_histogram
+
+        if len(_names(hw)) > 1 or len(_names(model)) > 1:
+            from ttcsim.errors import TtcsimError
+
+            raise TtcsimError("the histogram takes one --hw and one --model", "--plot")
+        samples = energy_samples(specs, hw=hw, model=model, seed=seed, draws=draws, **kw)
+        plot_energy_histogram(samples, plot_path)
+    if as_json:
+        click.echo(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
+        return
+    _print_metrics(frame)
+    if csv_path:
+        click.echo(f"wrote {csv_path}")
+    if plot_path:
+        click.echo(f"histogram -> {plot_path}")
+
+
+def _print_metrics(frame) -> None:
+    r0 = frame.iloc[0]
+    click.echo(f"prompt {r0.prompt_tokens:.0f} tokens (mean); energies per query; J/tok = joules "
+               "per token; marginal = one more token per sequence")
+    w = max(8, *(len(s) for s in frame["strategy"]))
+    head = (f"{'hw':<14} {'model':<13} {'strategy':<{w}} {'J/query':>9} {'+-se':>6} {'p90 J':>8} "
+            f"{'J/prompt':>8} {'J/out':>7} {'marg.':>7} {'J/useful':>8} {'out/J':>6} "
+            f"{'lat s':>7}")
+    click.echo(head)
+    for r in frame.itertuples():
+        click.echo(
+            f"{r.hw[:14]:<14} {r.model[:13]:<13} {r.strategy:<{w}} {r.energy_j:9.1f} "
+            f"{_num(r.energy_j_stderr, '6.1f')} {_num(r.energy_j_p90, '8.1f')} "
+            f"{_num(r.j_per_prompt_token, '8.4f')} {_num(r.j_per_output_token, '7.4f')} "
+            f"{_num(r.j_per_output_token_marginal, '7.4f')} {_num(r.j_per_useful_token, '8.3f')} "
+            f"{_num(r.output_tokens_per_j, '6.2f')} {r.latency_s:7.2f}"
+        )
+    if (frame["expectation"] == "monte-carlo").any():
+        click.echo("  +-se: standard error of a Monte-Carlo mean (0: exact expectation)")
+    uncalibrated = sorted(set(frame.loc[~frame["calibrated_profile"].astype(bool), "hw"]))
+    if uncalibrated:
+        click.echo(f"  note: {', '.join(uncalibrated)} uses datasheet-default parameters "
+                   "(not calibrated)")
+
+
+COMMANDS = [curve, metrics]
