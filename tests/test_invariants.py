@@ -94,7 +94,9 @@ def test_prefix_cache_off_costs_more_prefill():
     on = run(strategy="vote8", prompt_tokens=4000)
     off = run(strategy="vote8", prompt_tokens=4000, prefix_cache=False)
     assert off.energy_prefill_j > 6 * on.energy_prefill_j
-    assert off.energy_decode_j == pytest.approx(on.energy_decode_j)
+    # same decode time; a shared prompt's KV comes from HBM once per step, not 8 times
+    assert off.decode_latency_s == pytest.approx(on.decode_latency_s)
+    assert on.energy_decode_j < off.energy_decode_j
 
 
 def test_bon_adds_scoring_energy_to_vote():

@@ -120,6 +120,18 @@ class ModelParameters(BaseModel):
         default=5e-12,
         description="dynamic energy per attention FLOP (softmax on CUDA cores) [J/FLOP]",
     )
+    attention_half_parallelism: float = Field(
+        ge=0.0,
+        le=1e5,
+        default=0.0,
+        description=(
+            "decode attention reaches half its bandwidth efficiency with this many "
+            "(sequence, KV head) pairs per GPU; 0 = always full efficiency"
+        ),
+    )
+    prefill_overhead_s: float = Field(
+        ge=0.0, le=1.0, default=0.0, description="fixed host/launch time per prefill pass [s]"
+    )
     roofline_exponent: float = Field(
         ge=1.0,
         le=64.0,

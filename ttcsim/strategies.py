@@ -348,7 +348,14 @@ class Vote(Strategy):
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
         return [
             _parallel_prefill(w, self.n),
-            decode_phase(w.policy, w.prompt_tokens, w.lengths, w.concurrency, self.n),
+            decode_phase(
+                w.policy,
+                w.prompt_tokens,
+                w.lengths,
+                w.concurrency,
+                self.n,
+                shared_prefix=w.prefix_cache,
+            ),
         ]
 
 
@@ -384,7 +391,14 @@ class BestOfN(Strategy):
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
         return [
             _parallel_prefill(w, self.n),
-            decode_phase(w.policy, w.prompt_tokens, w.lengths, w.concurrency, self.n),
+            decode_phase(
+                w.policy,
+                w.prompt_tokens,
+                w.lengths,
+                w.concurrency,
+                self.n,
+                shared_prefix=w.prefix_cache,
+            ),
             score_phase(
                 w.reward(self.reward_model), w.prompt_tokens, w.lengths, w.concurrency, self.n
             ),
@@ -436,10 +450,18 @@ class ProcessBestOfN(Strategy):
         L, _ = _length_matrix(w.lengths, w.concurrency, self.n)
         out = [
             _parallel_prefill(w, self.n),
-            decode_phase(w.policy, w.prompt_tokens, w.lengths, w.concurrency, self.n),
+            decode_phase(
+                w.policy,
+                w.prompt_tokens,
+                w.lengths,
+                w.concurrency,
+                self.n,
+                shared_prefix=w.prefix_cache,
+            ),
         ]
-        scored = [stepwise_score_phase(rm, w.prompt_tokens, L, self.step_tokens, self.n,
-                                       w.prefix_cache)]
+        scored = [
+            stepwise_score_phase(rm, w.prompt_tokens, L, self.step_tokens, self.n, w.prefix_cache)
+        ]
         if w.prefix_cache:
             scored.insert(0, prefill_phase(rm, w.concurrency, w.prompt_tokens, name="score"))
         if isinstance(w.lengths, Draws):
@@ -652,15 +674,32 @@ class Beam(Strategy):
             return float(np.max(average_power_w(e, t), initial=0.0))
 
         return [
-            phase("decode", dec[0], dec[1], dec[2], None if dec_o is None else dec_o[0],
-                  peak_of(dec[2], dec[0])),
-            phase("decode", cow.time_s, cow.dynamic_energy_j, cow.energy_j,
-                  None if cow_o is None else cow_o.time_s, cow.peak_power_w),
-            phase("score", verify.time_s, verify.dynamic_energy_j, verify.energy_j,
-                  None if verify_o is None else verify_o.time_s,
-                  peak_of(verify.energy_j, verify.time_s),
-                  float((pmf * scored).sum()),
-                  bool(np.any(verify.throttled & (pmf > 0)))),
+            phase(
+                "decode",
+                dec[0],
+                dec[1],
+                dec[2],
+                None if dec_o is None else dec_o[0],
+                peak_of(dec[2], dec[0]),
+            ),
+            phase(
+                "decode",
+                cow.time_s,
+                cow.dynamic_energy_j,
+                cow.energy_j,
+                None if cow_o is None else cow_o.time_s,
+                cow.peak_power_w,
+            ),
+            phase(
+                "score",
+                verify.time_s,
+                verify.dynamic_energy_j,
+                verify.energy_j,
+                None if verify_o is None else verify_o.time_s,
+                peak_of(verify.energy_j, verify.time_s),
+                float((pmf * scored).sum()),
+                bool(np.any(verify.throttled & (pmf > 0))),
+            ),
         ]
 
 
@@ -733,7 +772,17 @@ class Refine(Strategy):
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
         first = _chain_prefill(w)
         if _is_random(w.lengths):  # rounds == 1 (exact_for)
-            return [first, decode_phase(w.policy, w.prompt_tokens, w.lengths, w.queries, w.group)]
+            return [
+                first,
+                decode_phase(
+                    w.policy,
+                    w.prompt_tokens,
+                    w.lengths,
+                    w.queries,
+                    w.group,
+                    shared_prefix=w.prefix_cache,
+                ),
+            ]
         k, f, p = self.rounds, self.feedback_tokens, w.prompt_tokens
         values, _ = _length_matrix(w.lengths, w.concurrency, k)
         L = values.reshape(values.shape[0], w.concurrency, k)
@@ -781,10 +830,14 @@ class Budget(Strategy):
 
     def __post_init__(self) -> None:
         _check(self.min_tokens >= 1, "min must be >= 1 token")
-        _check(self.max_tokens is None or self.max_tokens >= self.min_tokens,
-               f"max={self.max_tokens} is below min={self.min_tokens}")
-        _check(self.min_tokens > 1 or self.max_tokens is not None,
-               "budget needs min= and/or max=, e.g. budget:max=4000")
+        _check(
+            self.max_tokens is None or self.max_tokens >= self.min_tokens,
+            f"max={self.max_tokens} is below min={self.min_tokens}",
+        )
+        _check(
+            self.min_tokens > 1 or self.max_tokens is not None,
+            "budget needs min= and/or max=, e.g. budget:max=4000",
+        )
 
     @property
     def spec(self) -> str:  # noqa: D102
@@ -793,8 +846,9 @@ class Budget(Strategy):
     def clip(self, lengths):
         """The lengths after forcing: a LengthSpec or Draws."""
         if isinstance(lengths, Draws):
-            return Draws(np.clip(lengths.values, self.min_tokens, self.max_tokens),
-                         lengths.uniforms)
+            return Draws(
+                np.clip(lengths.values, self.min_tokens, self.max_tokens), lengths.uniforms
+            )
         return clip_lengths(lengths, self.min_tokens, self.max_tokens)
 
     def max_context_tokens(self, prompt_tokens, max_output_tokens):  # noqa: D102
@@ -816,7 +870,9 @@ class Budget(Strategy):
         clipped = self.clip(w.lengths)
         return [
             _chain_prefill(w),
-            decode_phase(w.policy, w.prompt_tokens, clipped, w.queries, w.group),
+            decode_phase(
+                w.policy, w.prompt_tokens, clipped, w.queries, w.group, shared_prefix=w.prefix_cache
+            ),
         ]
 
 
@@ -891,8 +947,10 @@ class AdaptiveVote(Strategy):
         _check(1 <= self.max_samples <= MAX_SAMPLES, f"max must be 1..{MAX_SAMPLES}")
         _check(0.0 <= self.agreement <= 1.0, f"p must be in [0, 1], got {self.agreement}")
         _check(1 <= self.batch <= self.max_samples, f"batch must be 1..max ({self.max_samples})")
-        _check(self.votes is None or 1 <= self.votes <= self.max_samples,
-               f"votes must be 1..max ({self.max_samples})")
+        _check(
+            self.votes is None or 1 <= self.votes <= self.max_samples,
+            f"votes must be 1..max ({self.max_samples})",
+        )
 
     def rounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Round sizes and run probabilities (:func:`adaptive_vote_rounds`)."""
@@ -931,8 +989,7 @@ class AdaptiveVote(Strategy):
             n = len(lengths.values)
             if n not in (1, self.max_samples):
                 raise TtcsimError(
-                    f"adaptive-vote takes 1 length or one per sample ({self.max_samples}), "
-                    f"got {n}",
+                    f"adaptive-vote takes 1 length or one per sample ({self.max_samples}), got {n}",
                     "--output-tokens",
                 )
             return _expand(lengths, 1, self.max_samples, "--output-tokens")
@@ -961,11 +1018,11 @@ class AdaptiveVote(Strategy):
                 b = int(sizes[j])
                 if random:
                     cost, own = expected_decode(
-                        w.policy, p, w.lengths.survival_steps(), q * b, b
+                        w.policy, p, w.lengths.survival_steps(), q * b, b, w.prefix_cache
                     )
                 else:
-                    values = np.tile(slots[starts[j]: starts[j] + b], q)
-                    cost = deterministic_decode(w.policy, p, values)
+                    values = np.tile(slots[starts[j] : starts[j] + b], q)
+                    cost = deterministic_decode(w.policy, p, values, b, w.prefix_cache)
                     own = float(decode_time_per_query_s(w.policy, p, values, b).max())
                 first = forward_pass(w.policy, q * b, q * b * (p + 1.0), q * b * (p + 1.0))
                 peak = float(average_power_w(first.energy_j, first.time_s))
@@ -978,13 +1035,25 @@ class AdaptiveVote(Strategy):
             keep = pmf > 1e-14
             return qs[keep], pmf[keep]
 
-        tot = dict(dec_t=0.0, dec_q=0.0, dec_dyn=0.0, dec_e=0.0, pre_t=0.0, pre_q=0.0,
-                   pre_dyn=0.0, pre_e=0.0)
+        tot = dict(
+            dec_t=0.0,
+            dec_q=0.0,
+            dec_dyn=0.0,
+            dec_e=0.0,
+            pre_t=0.0,
+            pre_q=0.0,
+            pre_dyn=0.0,
+            pre_e=0.0,
+        )
         peak, throttled = 0.0, False
         first = prefill_phase(w.policy, q_total, p) if w.prefix_cache else None
         if first is not None:
-            tot.update(pre_t=first.time_s, pre_q=first.time_s, pre_dyn=first.dynamic_energy_j,
-                       pre_e=first.energy_j)
+            tot.update(
+                pre_t=first.time_s,
+                pre_q=first.time_s,
+                pre_dyn=first.dynamic_energy_j,
+                pre_e=first.energy_j,
+            )
             peak, throttled = first.peak_power_w, first.throttled
         for j in range(sizes.size):
             if run[j] < 1e-14:
@@ -1012,8 +1081,15 @@ class AdaptiveVote(Strategy):
                     pre = prefill_phase(w.policy, (int(q) + 1) * b, p)
                     tot["pre_q"] += pr * run[j] * pre.time_s
         return [
-            PhaseCost("prefill", tot["pre_t"], tot["pre_q"], tot["pre_e"], tot["pre_dyn"],
-                      peak, throttled=throttled),
+            PhaseCost(
+                "prefill",
+                tot["pre_t"],
+                tot["pre_q"],
+                tot["pre_e"],
+                tot["pre_dyn"],
+                peak,
+                throttled=throttled,
+            ),
             PhaseCost("decode", tot["dec_t"], tot["dec_q"], tot["dec_e"], tot["dec_dyn"], peak),
         ]
 
@@ -1045,8 +1121,10 @@ class AdaptiveVote(Strategy):
             if not active.any():
                 break
             b = int(sizes[j])
-            chunk = lengths[:, :, starts[j]: starts[j] + b] * active[:, :, None]
-            d = decode_matrix(w.policy, p, chunk.reshape(draws, -1), b)
+            chunk = lengths[:, :, starts[j] : starts[j] + b] * active[:, :, None]
+            d = decode_matrix(
+                w.policy, p, chunk.reshape(draws, -1), b, shared_prefix=w.prefix_cache
+            )
             dec_t += d.time_s
             dec_dyn += d.dynamic_energy_j
             dec_e += d.energy_j
@@ -1066,8 +1144,15 @@ class AdaptiveVote(Strategy):
                 latency_pre += pre.time_s[:, None] * active
                 throttled = throttled or bool(np.any(pre.throttled))
         return [
-            PhaseCost("prefill", pre_t, latency_pre.mean(axis=1), pre_e, pre_dyn, peak,
-                      throttled=throttled),
+            PhaseCost(
+                "prefill",
+                pre_t,
+                latency_pre.mean(axis=1),
+                pre_e,
+                pre_dyn,
+                peak,
+                throttled=throttled,
+            ),
             PhaseCost("decode", dec_t, latency_dec.mean(axis=1), dec_e, dec_dyn, peak),
         ]
 
@@ -1126,10 +1211,12 @@ class Speculative(Strategy):
             )
             survival = w.lengths.survival_steps()
             return prefills + [
-                expected_steps_phase(target_step, w.prompt_tokens, survival, w.concurrency,
-                                     w.group, "decode"),
-                expected_steps_phase(draft_step, w.prompt_tokens, survival, w.concurrency,
-                                     w.group, "draft"),
+                expected_steps_phase(
+                    target_step, w.prompt_tokens, survival, w.concurrency, w.group, "decode"
+                ),
+                expected_steps_phase(
+                    draft_step, w.prompt_tokens, survival, w.concurrency, w.group, "draft"
+                ),
             ]
         target_seg, draft_seg = speculative_segments(
             w.policy, draft, self.draft_tokens, self.acceptance
@@ -1184,8 +1271,9 @@ class Composite(Strategy):
     def exact_for(self, lengths) -> bool:  # noqa: D102
         if not self.inner.exact_for(lengths):
             return False
-        return not (isinstance(self.outer, BestOfN) and _is_random(lengths)
-                    and isinstance(self.inner, Beam))
+        return not (
+            isinstance(self.outer, BestOfN) and _is_random(lengths) and isinstance(self.inner, Beam)
+        )
 
     def length_quantum(self) -> int:  # noqa: D102
         return self.inner.length_quantum()
@@ -1287,8 +1375,9 @@ def _split_composition(text: str) -> tuple[str, str | None]:
         return text, None
     i = text.find("(")
     if i <= 0 or not text.endswith(")") or text.count("(") != text.count(")"):
-        raise TtcsimError(f"cannot parse {text!r}; compose as OUTER(INNER), e.g. vote4(refine2)",
-                          _WHERE)
+        raise TtcsimError(
+            f"cannot parse {text!r}; compose as OUTER(INNER), e.g. vote4(refine2)", _WHERE
+        )
     return text[:i].strip(), text[i + 1 : -1].strip()
 
 
@@ -1311,8 +1400,9 @@ def parse_strategy(spec: str | Strategy, reward_model: str | None = None) -> Str
         inner = parse_strategy(inner_text, reward_model)
         if not inner.composable:
             valid = ", ".join(c.name for c in _REGISTRY.values() if c.composable)
-            raise TtcsimError(f"{inner.spec} cannot run inside {outer.spec}; inner strategies: "
-                              f"{valid}", _WHERE)
+            raise TtcsimError(
+                f"{inner.spec} cannot run inside {outer.spec}; inner strategies: {valid}", _WHERE
+            )
         if isinstance(inner, Single):
             return outer
         return Composite(outer=outer, inner=inner)

@@ -29,6 +29,11 @@ CALIBRATION_RUNS = (
 )  # fmt: skip
 
 
+#: What the calibration runs adjust after the window fit: only the fixed prefill
+#: overhead, which no microbenchmark window measures.
+CALIBRATION_RUN_FIT = ("prefill_overhead_s",)
+
+
 def calibrate_on_gpu(
     out_path: str | Path,
     gpu_index: int = 0,
@@ -113,7 +118,8 @@ def refit_from_trace_dir(
 
     Two steps: :func:`~ttcsim.calibration.fit.fit_windows` on ``phases.jsonl``,
     then, when ``calibration_runs.jsonl`` exists, :func:`~ttcsim.calibration.fit.fit_runs`
-    on those reference-decoder runs with the window fit as the base (and prior).
+    of :data:`CALIBRATION_RUN_FIT` on those reference-decoder runs, with the window
+    fit as the base (and prior).
     """
     from ttcsim.calibration.fit import fit_runs
     from ttcsim.calibration.records import read_runs
@@ -131,12 +137,14 @@ def refit_from_trace_dir(
     runs_path = trace_dir / "calibration_runs.jsonl"
     if runs_path.exists():
         runs = read_runs(runs_path)
-        refined, run_report = fit_runs(runs, profile, method_note="calibrate run (decoder runs)")
+        refined, run_report = fit_runs(
+            runs, profile, CALIBRATION_RUN_FIT, method_note="calibrate run (decoder runs)"
+        )
         info = refined.provenance.parameters.model_copy(
             update={
                 "method": profile.provenance.parameters.method
-                + f"; then least squares on {len(runs)} reference-decoder runs "
-                "(calibration_runs.jsonl) with the window fit as prior",
+                + f"; then prefill_overhead_s by least squares on {len(runs)} "
+                "reference-decoder runs (calibration_runs.jsonl)",
                 "date": profile.provenance.parameters.date,
                 "gpu_name": profile.provenance.parameters.gpu_name,
                 "driver_version": driver_version,

@@ -49,6 +49,9 @@ class PassCoefficients:
     energy_per_linear_flop_j: float  #: scaled to the weight dtype's tensor-core rate
     energy_per_attention_flop_j: float
     roofline_exponent: float  #: p of the smooth roofline
+    kv_heads_per_gpu: float  #: KV heads a GPU attends over
+    attention_half_parallelism: float  #: (sequence, KV head) pairs for half attention efficiency
+    prefill_overhead_s: float  #: fixed time per prefill pass [s]
     dvfs_energy_exponent: float  #: gamma: energy/FLOP ~ clock_scale**gamma when throttled
     memory_capacity_bytes: float  #: usable per GPU
     weight_bytes_total: float  #: all weights on this GPU (every expert)
@@ -102,6 +105,9 @@ def pass_coefficients(
         energy_per_linear_flop_j=p.compute_energy_j_per_flop * peak_bf16 / peak_w,
         energy_per_attention_flop_j=p.attention_energy_j_per_flop,
         roofline_exponent=p.roofline_exponent,
+        kv_heads_per_gpu=max(spec.n_kv_heads / tp, 1.0),
+        attention_half_parallelism=p.attention_half_parallelism,
+        prefill_overhead_s=p.prefill_overhead_s,
         dvfs_energy_exponent=p.dvfs_energy_exponent,
         memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
         weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,

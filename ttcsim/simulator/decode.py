@@ -53,7 +53,14 @@ class DecodeCost:
     generated_tokens: float  #: tokens produced by decode steps (excludes prefill's first)
 
 
-def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
+def segment_cost(
+    c: PassCoefficients,
+    batch,
+    first_context_tokens,
+    n_steps,
+    shared_prefix_tokens=0.0,
+    groups=None,
+):
     """Totals of ``n_steps`` decode steps at fixed ``batch`` (closed form, broadcasting).
 
     ``first_context_tokens`` is ``P + s`` at the segment's first step; context
@@ -66,19 +73,30 @@ def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
     and last steps stay under the limit never throttles; segments that do are
     evaluated step by step with :func:`~ttcsim.simulator.roofline.forward_pass`.
 
+    Prefix sharing: when the ``b`` sequences belong to ``groups`` queries whose
+    samples share ``shared_prefix_tokens`` of prompt KV, that prefix comes from
+    HBM once per group per step (the other samples hit L2), so each step's HBM
+    KV traffic is ``x_k - (b - groups) * P_shared`` tokens; the attention time
+    still covers every read.  ``groups=None`` means no sharing.
+
     Returns ``(time_s, dynamic_energy_j, energy_j)`` arrays; energies summed over GPUs.
     """
-    b, ctx0, n = np.broadcast_arrays(
-        *(np.asarray(v, dtype=float) for v in (batch, first_context_tokens, n_steps))
+    g_in = batch if groups is None else groups
+    b, ctx0, n, p_sh, g = np.broadcast_arrays(
+        *(
+            np.asarray(v, dtype=float)
+            for v in (batch, first_context_tokens, n_steps, shared_prefix_tokens, g_in)
+        )
     )
     shape = b.shape
-    b, ctx0, n = (v.reshape(-1) for v in (b, ctx0, n))
+    b, ctx0, n, p_sh, g = (v.reshape(-1) for v in (b, ctx0, n, p_sh, g))
     x0 = b * ctx0
     dx = b
-    a = attention_time_per_pair_s(c)
+    a = attention_time_per_pair_s(c, b)
     t0 = linear_time_s(c, b) + fixed_time_s(c, b)
+    l2_hits = np.maximum(b - g, 0.0) * p_sh  # shared-prefix reads served by L2
     e0 = (
-        c.energy_per_byte_j * (weight_bytes_read(c, b) + b * c.kv_bytes_per_token)
+        c.energy_per_byte_j * (weight_bytes_read(c, b) + (b - l2_hits) * c.kv_bytes_per_token)
         + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
     )
     e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
@@ -100,7 +118,7 @@ def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
         k = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
         bb = b[seg][owner]
         x = x0[seg][owner] + k * bb
-        cost = forward_pass(c, bb, x, x)
+        cost = forward_pass(c, bb, x, x, kv_hbm_tokens=x - l2_hits[seg][owner])
         time[seg] = np.bincount(owner, cost.time_s, seg.size)
         e_dyn[seg] = np.bincount(owner, cost.dynamic_energy_j, seg.size) / c.n_gpus
     time = np.where(active, time, 0.0).reshape(shape)
@@ -108,20 +126,49 @@ def segment_cost(c: PassCoefficients, batch, first_context_tokens, n_steps):
     return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
 
 
-def deterministic_decode(c: PassCoefficients, prompt_tokens: float, output_tokens) -> DecodeCost:
-    """Decode of sequences with known lengths ``output_tokens`` (one per sequence)."""
-    steps = np.sort(np.maximum(np.asarray(output_tokens, dtype=float) - 1.0, 0.0))
+def _segments(prompt_tokens: float, output_tokens, samples: int, shared: bool):
+    """Segments of a deterministic decode: batch, first context, steps, groups, order.
+
+    Sequences are ordered query by query (``samples`` each).  Segment ``j`` runs
+    the steps between the ``j``-th and ``j+1``-th shortest sequence's last step;
+    its active groups are the queries with a sequence still running.
+    """
+    lengths = np.asarray(output_tokens, dtype=float)
+    steps = np.sort(np.maximum(lengths - 1.0, 0.0))
     n = steps.size
     bounds = np.concatenate([[0.0], steps])
-    seg_steps = np.diff(bounds)
-    batch = n - np.arange(n)  # sequences still running in segment j
+    batch = n - np.arange(n, dtype=float)
     first_ctx = prompt_tokens + bounds[:-1] + 1.0
-    t, e_dyn, e = segment_cost(c, batch, first_ctx, seg_steps)
+    groups = None
+    if shared and samples > 1:
+        last = np.sort(np.maximum(lengths.reshape(-1, samples) - 1.0, 0.0).max(axis=1))
+        groups = last.size - np.searchsorted(last, bounds[:-1], side="right")
+    return batch, first_ctx, np.diff(bounds), groups, steps
+
+
+def deterministic_decode(
+    c: PassCoefficients,
+    prompt_tokens: float,
+    output_tokens,
+    samples_per_query: int = 1,
+    shared_prefix: bool = False,
+) -> DecodeCost:
+    """Decode of sequences with known lengths ``output_tokens`` (one per sequence).
+
+    With ``shared_prefix`` each query's ``samples_per_query`` samples share the
+    prompt's KV (see :func:`segment_cost`).
+    """
+    batch, first_ctx, seg_steps, groups, steps = _segments(
+        prompt_tokens, output_tokens, samples_per_query, shared_prefix
+    )
+    t, e_dyn, e = segment_cost(
+        c, batch, first_ctx, seg_steps, prompt_tokens if groups is not None else 0.0, groups
+    )
     return DecodeCost(
         time_s=float(t.sum()),
         dynamic_energy_j=float(e_dyn.sum()),
         energy_j=float(e.sum()),
-        decode_steps=float(steps[-1]) if n else 0.0,
+        decode_steps=float(steps[-1]) if steps.size else 0.0,
         generated_tokens=float(steps.sum()),
     )
 
@@ -132,12 +179,12 @@ def decode_time_per_query_s(
     """Decode time until each query's last sample finishes [s], for known lengths.
 
     ``output_tokens`` is ordered query by query (``samples_per_query`` each).
+    Time does not depend on prefix sharing (every read takes bandwidth).
     """
     lengths = np.asarray(output_tokens, dtype=float)
-    steps = np.sort(np.maximum(lengths - 1.0, 0.0))
+    batch, first_ctx, seg_steps, _, steps = _segments(prompt_tokens, lengths, 1, False)
     n = steps.size
-    bounds = np.concatenate([[0.0], steps])
-    t, _, _ = segment_cost(c, n - np.arange(n), prompt_tokens + bounds[:-1] + 1.0, np.diff(bounds))
+    t, _, _ = segment_cost(c, batch, first_ctx, seg_steps)
     cumulative = np.cumsum(t)
     last = np.maximum(lengths.reshape(-1, samples_per_query) - 1.0, 0.0).max(axis=1)
     idx = np.searchsorted(steps, last, side="right") - 1
@@ -173,6 +220,7 @@ def expected_decode(
     survival: np.ndarray,
     n_sequences: int,
     samples_per_query: int,
+    shared_prefix: bool = False,
 ):
     """Expected decode cost for ``n_sequences`` i.i.d. random lengths.
 
@@ -202,10 +250,18 @@ def expected_decode(
     else:
         surv, steps_s, weight = survival, np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
 
+    n_groups = n_sequences // samples_per_query
+    # expected queries still running: Q (1 - F(s)^N); with a shared prompt the
+    # other samples' prefix reads hit L2 (linear in energy, so E[groups] is used)
+    groups = n_groups * (1.0 - (1.0 - surv) ** samples_per_query)
+
     def grid_cost(n: int):
         b, pmf = _binomial_grid(n, surv)
         ctx = b * (prompt_tokens + steps_s[:, None])
-        cost = forward_pass(c, b, ctx, ctx)
+        hbm = ctx
+        if shared_prefix and samples_per_query > 1:
+            hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt_tokens
+        cost = forward_pass(c, b, ctx, ctx, kv_hbm_tokens=hbm)
         return b, pmf, cost
 
     b, pmf, cost = grid_cost(n_sequences)
@@ -235,22 +291,36 @@ def expected_decode(
     )
 
 
-def decode_draws(c: PassCoefficients, prompt_tokens: float, lengths: np.ndarray, samples: int):
+def decode_draws(
+    c: PassCoefficients,
+    prompt_tokens: float,
+    lengths: np.ndarray,
+    samples: int,
+    shared_prefix: bool = False,
+):
     """Decode cost for each row of a ``(draws, n)`` matrix of known lengths (vectorised).
 
-    Returns ``(time_s, dynamic_energy_j, energy_j, query_time_s)``; the first three
-    have shape ``(draws,)``, ``query_time_s`` has ``(draws, n / samples)``.
+    Rows are ordered query by query (``samples`` each); see
+    :func:`deterministic_decode` for ``shared_prefix``.  Returns ``(time_s,
+    dynamic_energy_j, energy_j, query_time_s)``; the first three have shape
+    ``(draws,)``, ``query_time_s`` has ``(draws, n / samples)``.
     """
     lengths = np.atleast_2d(np.asarray(lengths, dtype=float))
     draws, n = lengths.shape
     steps = np.sort(np.maximum(lengths - 1.0, 0.0), axis=1)
     bounds = np.concatenate([np.zeros((draws, 1)), steps], axis=1)
     batch = (n - np.arange(n))[None, :]
+    last = np.maximum(lengths.reshape(draws, -1, samples) - 1.0, 0.0).max(axis=2)
+    groups, shared = None, 0.0
+    if shared_prefix and samples > 1:
+        last_sorted = np.sort(last, axis=1)
+        # queries still running at each segment start: count of query ends > bound
+        below = (last_sorted[:, None, :] <= bounds[:, :-1, None]).sum(axis=2)
+        groups, shared = last.shape[1] - below, prompt_tokens
     t, e_dyn, e = segment_cost(
-        c, batch, prompt_tokens + bounds[:, :-1] + 1.0, np.diff(bounds, axis=1)
+        c, batch, prompt_tokens + bounds[:, :-1] + 1.0, np.diff(bounds, axis=1), shared, groups
     )
     cumulative = np.cumsum(t, axis=1)
-    last = np.maximum(lengths.reshape(draws, -1, samples) - 1.0, 0.0).max(axis=2)
     idx = np.clip(
         np.array([np.searchsorted(steps[i], last[i], side="right") - 1 for i in range(draws)]),
         0,

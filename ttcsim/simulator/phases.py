@@ -104,6 +104,8 @@ def prefill_phase(
         tokens,
         n_prompts * cached_tokens,
         n_prompts * arch.causal_pairs(new_tokens, cached_tokens),
+        sequences=n_prompts,
+        prefill=True,
     )
     t, e = float(cost.time_s), float(cost.energy_j)
     return PhaseCost(
@@ -125,13 +127,18 @@ def decode_phase(
     n_queries: int,
     samples: int,
     name: str = "decode",
+    shared_prefix: bool = False,
 ) -> PhaseCost:
-    """Decode ``n_queries * samples`` sequences as one batch that shrinks as they finish."""
+    """Decode ``n_queries * samples`` sequences as one batch that shrinks as they finish.
+
+    ``shared_prefix``: each query's samples share its prompt's KV (prefix caching),
+    so the prompt part of their KV reads comes from HBM once per query and step.
+    """
     n = n_queries * samples
     first = forward_pass(c, n, n * (prompt_tokens + 1.0), n * (prompt_tokens + 1.0))
     peak = float(average_power_w(first.energy_j, first.time_s))
     if isinstance(lengths, Draws):
-        t, e_dyn, e, q_time = decode_draws(c, prompt_tokens, lengths.values, samples)
+        t, e_dyn, e, q_time = decode_draws(c, prompt_tokens, lengths.values, samples, shared_prefix)
         return PhaseCost(
             name, t, q_time.mean(axis=1), e, e_dyn, peak, (lengths.values - 1).sum(axis=1)
         )
@@ -140,10 +147,12 @@ def decode_phase(
             values = _expand(lengths, n_queries, samples, "--output-tokens")
         else:
             values = np.full(n, float(lengths.tokens))
-        cost = deterministic_decode(c, prompt_tokens, values)
+        cost = deterministic_decode(c, prompt_tokens, values, samples, shared_prefix)
         q_time = float(decode_time_per_query_s(c, prompt_tokens, values, samples).mean())
     elif isinstance(lengths, LengthDistribution):
-        cost, q_time = expected_decode(c, prompt_tokens, lengths.survival_steps(), n, samples)
+        cost, q_time = expected_decode(
+            c, prompt_tokens, lengths.survival_steps(), n, samples, shared_prefix
+        )
     else:
         raise TypeError(f"unsupported lengths {lengths!r}")
     return PhaseCost(
@@ -306,6 +315,7 @@ def decode_matrix(
     lengths: np.ndarray,
     group: int = 1,
     segment=None,
+    shared_prefix: bool = False,
 ) -> MatrixDecode:
     """Decode the rows of a ``(draws, n)`` length matrix, each as one shrinking batch.
 
@@ -322,6 +332,7 @@ def decode_matrix(
     """
     L = np.atleast_2d(np.asarray(lengths, dtype=float))
     draws, n = L.shape
+    default_segment = segment is None
     if segment is None:
 
         def segment(b, ctx, k):
@@ -340,7 +351,15 @@ def decode_matrix(
         suffix = np.cumsum(p_sorted[:, ::-1], axis=1)[:, ::-1]
         first_ctx = suffix / batch + bounds[:, :-1] + 1.0
     seg_steps = np.diff(bounds, axis=1)
-    priced = segment(batch, first_ctx, seg_steps)
+    if shared_prefix and group > 1 and np.ndim(prompt_tokens) == 0 and default_segment:
+        # a query's samples share its prompt KV: count the queries still running
+        last = np.sort(steps.reshape(draws, -1, group).max(axis=2), axis=1)
+        below = (last[:, None, :] <= bounds[:, :-1, None]).sum(axis=2)
+        priced = segment_cost(
+            c, batch, first_ctx, seg_steps, float(prompt_tokens), last.shape[1] - below
+        )
+    else:
+        priced = segment(batch, first_ctx, seg_steps)
     t, e_dyn, e = (np.broadcast_to(x, seg_steps.shape) for x in priced)
     finish = np.empty_like(t)
     np.put_along_axis(finish, order, np.cumsum(t, axis=1), axis=1)
@@ -394,7 +413,14 @@ def prefill_matrix_phase(
     new = np.atleast_2d(np.asarray(new_tokens, dtype=float))
     cached = np.broadcast_to(np.asarray(cached_tokens, dtype=float), new.shape) * (new > 0)
     tokens = new.sum(axis=1)
-    cost = forward_pass(c, tokens, cached.sum(axis=1), arch.causal_pairs(new, cached).sum(axis=1))
+    cost = forward_pass(
+        c,
+        tokens,
+        cached.sum(axis=1),
+        arch.causal_pairs(new, cached).sum(axis=1),
+        sequences=(new > 0).sum(axis=1),
+        prefill=True,
+    )
     return PhaseCost(
         name=name,
         time_s=cost.time_s,

@@ -81,18 +81,33 @@ def linear_time_s(c: PassCoefficients, tokens, clock_scale=1.0) -> np.ndarray:
     )
 
 
-def attention_time_per_pair_s(c: PassCoefficients) -> float:
+def attention_bandwidth_bytes_per_s(c: PassCoefficients, sequences) -> np.ndarray:
+    """Achieved KV-read bandwidth with ``sequences`` sequences in the pass [B/s].
+
+    Decode attention parallelises over (sequence, KV head) pairs; with few of
+    them the kernel cannot fill the GPU::
+
+        B_attn(b) = B_hbm * eta_attn_dec * u / (u + u_half),   u = b * n_kv_heads_per_gpu
+    """
+    u = np.asarray(sequences, dtype=float) * c.kv_heads_per_gpu
+    if c.attention_half_parallelism <= 0:
+        return np.full_like(u, c.attention_bandwidth_bytes_per_s)
+    return (
+        c.attention_bandwidth_bytes_per_s * u / np.maximum(u + c.attention_half_parallelism, 1e-30)
+    )
+
+
+def attention_time_per_pair_s(c: PassCoefficients, sequences=1e9) -> np.ndarray:
     """Decode attention time per (query, cached key) pair at full clock [s].
 
     Both the KV bytes and the FLOPs are proportional to the pairs, so the
-    smooth roofline of the two is too.
+    smooth roofline of the two is too.  ``sequences`` sets the bandwidth
+    (:func:`attention_bandwidth_bytes_per_s`).
     """
-    return float(
-        smooth_roofline(
-            c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s,
-            c.attention_flops_per_pair / c.attention_flops_per_s,
-            c.roofline_exponent,
-        )
+    return smooth_roofline(
+        c.kv_bytes_per_token / attention_bandwidth_bytes_per_s(c, sequences),
+        c.attention_flops_per_pair / c.attention_flops_per_s,
+        c.roofline_exponent,
     )
 
 
@@ -102,26 +117,47 @@ def fixed_time_s(c: PassCoefficients, tokens) -> np.ndarray:
     return c.fixed_time_per_pass_s + c.allreduce_fixed_s + tokens * c.allreduce_time_per_token_s
 
 
-def forward_pass(c: PassCoefficients, tokens, kv_read_tokens, attention_pairs) -> PassCost:
+def forward_pass(
+    c: PassCoefficients,
+    tokens,
+    kv_read_tokens,
+    attention_pairs,
+    sequences=None,
+    kv_hbm_tokens=None,
+    prefill: bool = False,
+) -> PassCost:
     """Cost of one forward pass (see the module formula); zero where ``tokens`` is 0.
 
     Parameters
     ----------
     tokens : new tokens in the pass (prefill: prompt tokens; decode: batch size)
-    kv_read_tokens : cached tokens whose K/V the pass reads from HBM
+    kv_read_tokens : cached tokens whose K/V the attention reads (sets its time)
     attention_pairs : (query, key) pairs the attention computes
+    sequences : sequences in the pass, for attention parallelism (default ``tokens``)
+    kv_hbm_tokens : cached tokens whose K/V come from HBM (sets the energy; default
+        ``kv_read_tokens``).  Fewer when samples share a prompt: the shared prefix
+        is fetched from HBM once per step and re-read from L2 by the other samples.
+    prefill : add the profile's fixed ``prefill_overhead_s`` (host and launch work
+        of a prefill pass, which serving engines run without CUDA graphs)
     """
-    tokens, kv_read, pairs = np.broadcast_arrays(
-        *(np.asarray(v, dtype=float) for v in (tokens, kv_read_tokens, attention_pairs))
+    kv_hbm_tokens = kv_read_tokens if kv_hbm_tokens is None else kv_hbm_tokens
+    sequences = tokens if sequences is None else sequences
+    tokens, kv_read, pairs, seqs, kv_hbm = np.broadcast_arrays(
+        *(
+            np.asarray(v, dtype=float)
+            for v in (tokens, kv_read_tokens, attention_pairs, sequences, kv_hbm_tokens)
+        )
     )
     shape = tokens.shape
-    tokens, kv_read, pairs = (v.reshape(-1) for v in (tokens, kv_read, pairs))
+    tokens, kv_read, pairs, seqs, kv_hbm = (
+        v.reshape(-1) for v in (tokens, kv_read, pairs, seqs, kv_hbm)
+    )
     w_bytes = weight_bytes_read(c, tokens)
     t_wm = w_bytes / c.weight_bandwidth_bytes_per_s
     t_wc = tokens * c.linear_flops_per_token / c.gemm_flops_per_s
-    t_am = kv_read * c.kv_bytes_per_token / c.attention_bandwidth_bytes_per_s
+    t_am = kv_read * c.kv_bytes_per_token / attention_bandwidth_bytes_per_s(c, seqs)
     t_ac = pairs * c.attention_flops_per_pair / c.attention_flops_per_s
-    t_fix = fixed_time_s(c, tokens)
+    t_fix = fixed_time_s(c, tokens) + (c.prefill_overhead_s if prefill else 0.0)
     p = c.roofline_exponent
 
     def time_at(s, idx=None):
@@ -132,7 +168,7 @@ def forward_pass(c: PassCoefficients, tokens, kv_read_tokens, attention_pairs) -
             + sel(t_fix)
         )
 
-    e_mem = c.energy_per_byte_j * (w_bytes + (kv_read + tokens) * c.kv_bytes_per_token)
+    e_mem = c.energy_per_byte_j * (w_bytes + (kv_hbm + tokens) * c.kv_bytes_per_token)
     e_comp = (
         c.energy_per_linear_flop_j * tokens * c.linear_flops_per_token
         + c.energy_per_attention_flop_j * pairs * c.attention_flops_per_pair
