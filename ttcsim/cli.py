@@ -7,6 +7,7 @@ stderr with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -17,6 +18,11 @@ import click
 from ttcsim.errors import TtcsimError
 
 
+def _one_line(text: str) -> str:
+    """Whitespace, newlines included, collapsed: an error is always one line."""
+    return " ".join(str(text).split())
+
+
 def _friendly(fn):
     """Turn ttcsim errors into one-line messages with exit code 2."""
 
@@ -25,10 +31,53 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TtcsimError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+class _OneLineUsageError(click.ClickException):
+    """A click usage error shown as ``error: WHERE: message`` (exit code 2)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # noqa: D102
+        click.echo(f"error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """Re-raise click's usage errors (bad option values, unknown options) as one line."""
+    try:
+        yield
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+            raise
+        param = getattr(exc, "param", None)
+        if isinstance(exc, click.BadParameter) and param is not None and not isinstance(
+            exc, click.MissingParameter
+        ):
+            opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+            where = opts[0] if opts and isinstance(param, click.Option) else param.human_readable_name
+            text = f"{where}: {_one_line(exc.message)}"
+        else:
+            text = _one_line(exc.format_message())
+        if exc.ctx is not None:
+            text += f" (see '{exc.ctx.command_path} --help')"
+        raise _OneLineUsageError(text) from None
+
+
+class _Main(click.Group):
+    """The root group: click's own usage errors also become one ``error:`` line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx):  # noqa: D102
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def _fmt_energy(j: float) -> str:
@@ -44,7 +93,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttcsim")
 def main() -> None:
     """ttcsim: what an LLM query costs in energy, before you run it."""
@@ -258,13 +307,33 @@ def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, out_path, 
         runs = runs_from_trace(log_path, trace_csv, energy_jsonl)
     names = [p.strip() for p in params.split(",")] if params else None
     profile, report = fit_runs(runs, get_profile(base), names, prior_weight)
-    atomic_write_text(out_path, profile.to_yaml())
+    atomic_write_text(out_path, profile.to_yaml(), overwrite=force)
     click.echo(f"fitted {len(runs)} runs -> {out_path}")
     for k, v in report.parameters_after.items():
         before = report.parameters_before[k]
         if before != v:
             click.echo(f"  {k:<30} {before:12.4g} -> {v:12.4g}")
     click.echo("  residuals: " + ", ".join(f"{k} {v:.2f}" for k, v in report.residuals_pct.items()))
+
+
+@calibrate.command("refit")
+@click.argument("trace_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--base", required=True, help="Profile whose datasheet figures to use (name or YAML).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_friendly
+def calibrate_refit(trace_dir: str, base: str, out_path: str, force: bool) -> None:
+    """Fit a profile from a recorded `calibrate run` folder (no GPU; resumes an interrupted run)."""
+    from ttcsim.calibration.session import refit_from_trace_dir
+    from ttcsim.io import atomic_write_text
+
+    if not force and Path(out_path).exists():
+        raise TtcsimError("exists; pass --force to overwrite", out_path)
+    profile, report = refit_from_trace_dir(trace_dir, base)
+    atomic_write_text(out_path, profile.to_yaml())
+    click.echo(f"wrote {out_path}")
+    for k, v in report.residuals_pct.items():
+        click.echo(f"  {k}: {v:.2f}")
 
 
 @calibrate.command("run")

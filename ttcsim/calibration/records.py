@@ -28,7 +28,7 @@ from ttcsim.errors import TtcsimError
 class RunRecord(BaseModel):
     """One measured run."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True)  # unknown keys kept, unused
 
     id: str | None = None
     hw: str = Field(min_length=1)

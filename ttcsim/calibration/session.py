@@ -85,6 +85,20 @@ def _base_for(base: str | None, gpu_name: str) -> HardwareProfile:
     return get_profile(guess)
 
 
+def datasheet_base(profile: HardwareProfile) -> HardwareProfile:
+    """``profile`` with datasheet-default parameters.
+
+    A refit then never depends on an earlier calibration.  Idle power for the
+    default rule is 17 % of the power limit (the windows measure the real one).
+    """
+    from ttcsim.hardware import CalibrationInfo
+    from ttcsim.simulator.defaults import default_parameters
+
+    params = default_parameters(profile.datasheet, 0.17 * profile.datasheet.power_limit_w)
+    info = CalibrationInfo(status="datasheet-default", method="ttcsim.simulator.defaults rule")
+    return profile.with_parameters(params, info)
+
+
 def read_windows(trace_dir: str | Path) -> list[dict]:
     """Windows from a calibration's ``phases.jsonl`` (tolerates a truncated last line)."""
     import json
@@ -126,17 +140,22 @@ def refit_from_trace_dir(
 
     trace_dir = Path(trace_dir)
     windows = read_windows(trace_dir)
+    runs_path = trace_dir / "calibration_runs.jsonl"
+    runs = read_runs(runs_path) if runs_path.exists() else []
+    if runs and runs[0].model_extra:
+        extra = runs[0].model_extra
+        gpu_name = gpu_name or extra.get("gpu_name")
+        driver_version = driver_version or extra.get("driver_version")
+        date = date or str(extra.get("measured_at", ""))[:10] or None
     profile, report = fit_windows(
         windows,
-        get_profile(base),
+        datasheet_base(get_profile(base)),
         gpu_name=gpu_name,
         driver_version=driver_version,
         trace=trace_dir.name,
         date=date,
     )
-    runs_path = trace_dir / "calibration_runs.jsonl"
-    if runs_path.exists():
-        runs = read_runs(runs_path)
+    if runs:
         refined, run_report = fit_runs(
             runs, profile, CALIBRATION_RUN_FIT, method_note="calibrate run (decoder runs)"
         )

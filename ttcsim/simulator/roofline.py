@@ -89,7 +89,7 @@ def attention_bandwidth_bytes_per_s(c: PassCoefficients, sequences) -> np.ndarra
 
         B_attn(b) = B_hbm * eta_attn_dec * u / (u + u_half),   u = b * n_kv_heads_per_gpu
     """
-    u = np.asarray(sequences, dtype=float) * c.kv_heads_per_gpu
+    u = np.maximum(np.asarray(sequences, dtype=float), 1e-6) * c.kv_heads_per_gpu  # 0: no pass
     if c.attention_half_parallelism <= 0:
         return np.full_like(u, c.attention_bandwidth_bytes_per_s)
     return (
