@@ -102,8 +102,8 @@ def main() -> None:
 @main.command()
 @click.option("--hw", default="h100", show_default=True, help="Hardware profile name, alias or YAML path.")
 @click.option("--model", "model", default="8b", show_default=True, help="Catalog model, alias or config.json path.")
-@click.option("--strategy", default="single", show_default=True, help="single|cot, vote<N>, bon<N> (see `ttcsim strategies`).")
-@click.option("--prompt-tokens", default=512, show_default=True, type=int, help="Prompt length [tokens].")
+@click.option("--strategy", default="single", show_default=True, help="Strategy spec: single|cot, vote<N>, bon<N>, prm-bon<N>, beam<W>:step=..., refine<K>, budget:max=..., adaptive-vote<N>, spec:draft=..., vote<N>(refine<K>) (see `ttcsim strategies`).")
+@click.option("--prompt-tokens", default="512", show_default=True, help="Prompt length: N, a list, or a distribution (same grammar as --output-tokens).")
 @click.option("--output-tokens", default="1024", show_default=True, help="Output length per sample: N, a list a,b,c or a distribution like lognormal:median=800,sigma=0.7,max=8192.")
 @click.option("--concurrency", default=1, show_default=True, type=int, help="Identical queries batched together.")
 @click.option("--tp", default=1, show_default=True, type=int, help="Tensor-parallel GPUs.")
@@ -116,12 +116,17 @@ def main() -> None:
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
 @_friendly
-def predict(as_json: bool, **kw) -> None:
+def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     """Predict joules, latency and power of one query."""
     from ttcsim.predict import predict as run_predict
 
     r = run_predict(**kw)
+    if plot_path:
+        from ttcsim.metrics import write_energy_histogram
+
+        write_energy_histogram(plot_path, **kw)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
@@ -355,7 +360,7 @@ def calibrate_run(out_path: str, gpu_index: int, base: str | None, budget_s: flo
 
 @main.command()
 @click.option("--model", "model", required=True, help="Catalog model or config.json path.")
-@click.option("--strategy", default="single", show_default=True, help="single, vote<N> or bon<N>.")
+@click.option("--strategy", default="single", show_default=True, help="Strategy spec the reference decoder runs: single, vote<N>, bon<N> (and beam/refine where supported).")
 @click.option("--prompt-tokens", default=512, show_default=True, type=int)
 @click.option("--output-tokens", default="256", show_default=True, help="Length spec; distributions are sampled with --seed.")
 @click.option("--concurrency", default=1, show_default=True, type=int)
