@@ -1,0 +1,70 @@
+"""``ttcsim sweep``: every scenario of a grid, written as one tidy table.
+
+Thin command: parse options, call :func:`ttcsim.sweep.write_sweep`, report.
+Only click is imported at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+
+import click
+
+
+def _friendly(fn):
+    """Defer to :func:`ttcsim.cli._friendly` (imported late: cli imports this module)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ttcsim.cli import _friendly as friendly
+
+        return friendly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command("sweep")
+@click.argument("grid_path", metavar="GRID.yaml", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Table to write: FILE.parquet (needs pyarrow) or FILE.csv.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "csv", "parquet"]),
+              help="auto: from the suffix, else Parquet when pyarrow is installed, else CSV.")
+@click.option("--chunk-rows", default=None, type=int,
+              help="Scenarios evaluated at a time (bounds memory) [default: 131072].")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--dry-run", is_flag=True, help="Validate the grid and print its size only.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_friendly
+def sweep_cmd(grid_path, out_path, fmt, chunk_rows, progress, dry_run, force) -> None:
+    """Evaluate every combination of a grid of scenarios (docs/SWEEP.md) into one table."""
+    from ttcsim.sweep import DEFAULT_CHUNK_ROWS, SlowPathWarning, load_grid, write_sweep
+
+    grid = load_grid(grid_path)
+    click.echo(
+        f"{grid.n_scenarios:,} scenarios in {grid.n_groups:,} deployments "
+        f"({grid.rows_per_group:,} each)",
+        err=True,
+    )
+    if dry_run:
+        return
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SlowPathWarning)
+        report = write_sweep(grid, out_path, fmt, chunk_rows or DEFAULT_CHUNK_ROWS, progress,
+                             overwrite=force)
+    for w in caught:
+        click.echo(f"note: {w.message}", err=True)
+    click.echo(
+        f"wrote {report.rows:,} rows ({report.fitting_rows:,} fit) to {report.path} "
+        f"[{report.format}] in {report.seconds:.2f} s ({report.scenarios_per_s:,.0f} scenarios/s)"
+    )
+    if report.slow_rows:
+        click.echo(f"  {report.slow_rows:,} scenarios took the slow path (predict() per scenario)")
+
+
+COMMANDS = [sweep_cmd]

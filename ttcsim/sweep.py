@@ -1,0 +1,1480 @@
+"""Vectorised sweeps: every combination of a grid of scenarios, a million per second.
+
+A *grid* (YAML or a mapping, format in ``docs/SWEEP.md``) lists values per
+axis; its scenarios are the Cartesian product, enumerated lazily in a fixed
+order (:data:`GROUP_AXES` outermost, then :data:`INNER_AXES`, the last axis
+varying fastest).  Scenarios that share a deployment -- hardware, model,
+dtypes, tensor parallelism and reward model -- form a *group*: their
+:class:`~ttcsim.simulator.coefficients.PassCoefficients` are scalars, and
+everything else (prompt and output tokens, samples ``N``, concurrency ``Q``,
+prefix caching) is a numpy axis.
+
+Each result row equals :func:`ttcsim.predict.predict` (with
+``percentiles=False``) for that scenario **bit for bit**: the kernels below call
+the same pure functions of :mod:`ttcsim.simulator` (``forward_pass``,
+``segment_cost``, ``causal_pairs``, ``average_power_w``) with arrays, and evaluate
+every expression in the same order as the scalar path.  Two places need care:
+
+* ``numpy.mean`` / ``numpy.sum`` over ``Q`` (or ``Q*N``) equal values use
+  numpy's pairwise summation; :func:`repeat_sum` reproduces it elementwise.
+* The exact expectation over a random length (``expected_decode``) sums a
+  ``(steps, batch)`` grid; the sum is reproduced on the same contiguous grid,
+  vectorised over prompt lengths, and the grid's cost table is shared between
+  prompts (the cost at step ``s`` depends on ``P + s`` only).
+
+Strategies other than ``single``/``cot``, ``vote<N>`` and ``bon<N>``, and
+explicit length lists, are evaluated by calling ``predict()`` per scenario
+(the *slow path*); a :class:`SlowPathWarning` says so.
+
+Memory stays bounded: scenarios are evaluated ``chunk_rows`` at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ttcsim.distributions import LengthDistribution, LengthList, parse_lengths
+from ttcsim.errors import DoesNotFitError, TtcsimError
+from ttcsim.hardware import HardwareProfile, get_profile
+from ttcsim.models import ModelSpec, get_model
+from ttcsim.simulator import architecture as arch
+from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.decode import MAX_EXACT_STEPS, _binomial_grid, segment_cost
+from ttcsim.simulator.power import average_power_w
+from ttcsim.simulator.roofline import forward_pass
+from ttcsim.strategies import BestOfN, Single, Strategy, Vote, parse_strategy
+from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
+
+#: Deployment axes: one set of pass coefficients per combination.
+GROUP_AXES = ("hw", "model", "weight_dtype", "kv_dtype", "tp", "reward_model")
+#: Scenario axes evaluated as numpy arrays within a group (last varies fastest).
+INNER_AXES = ("strategy", "output_tokens", "prefix_cache", "concurrency", "prompt_tokens")
+#: Settings that are one value for the whole grid.
+SCALAR_KEYS = ("pue", "carbon_g_per_kwh", "usd_per_kwh")
+#: Rows evaluated at a time (bounds memory: about 1 kB per row in flight).
+DEFAULT_CHUNK_ROWS = 1 << 17
+#: Largest cost table (rows x batch columns) built per deployment for random lengths.
+TABLE_MAX_ELEMENTS = 1 << 22
+#: Largest (prompts x steps x batch) block evaluated at once for random lengths.
+BLOCK_MAX_ELEMENTS = 1 << 20
+
+_NUMERIC_LIMITS = {
+    "prompt_tokens": (1, 10_000_000, "--prompt-tokens"),
+    "concurrency": (1, 1_000_000, "--concurrency"),
+    "tp": (1, 64, "--tp"),
+}
+
+
+class SlowPathWarning(UserWarning):
+    """Some scenarios are evaluated by calling ``predict()`` one at a time."""
+
+
+# ---------------------------------------------------------------------------
+# Grid format
+# ---------------------------------------------------------------------------
+
+
+def _predict_defaults() -> dict:
+    from ttcsim.predict import predict
+
+    params = inspect.signature(predict).parameters
+    return {name: params[name].default for name in GROUP_AXES + INNER_AXES + SCALAR_KEYS}
+
+
+def _expand_range(spec: Mapping, where: str) -> list[int]:
+    """Whole numbers of a range mapping; ``stop`` is inclusive.
+
+    ``{start, stop, step}`` is arithmetic, ``{start, stop, factor}`` geometric
+    (rounded, duplicates dropped), ``{start, stop, num[, log]}`` ``num`` points
+    evenly (or log-evenly) spaced, rounded.
+    """
+    allowed = {"start", "stop", "step", "factor", "num", "log"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise TtcsimError(
+            f"unknown range key(s) {sorted(unknown)}; valid: {sorted(allowed)}", where
+        )
+    if "start" not in spec or "stop" not in spec:
+        raise TtcsimError("a range needs start and stop", where)
+    start, stop = _whole(spec["start"], where), _whole(spec["stop"], where)
+    if stop < start:
+        raise TtcsimError(f"stop {stop} is below start {start}", where)
+    kinds = [k for k in ("step", "factor", "num") if k in spec]
+    if len(kinds) != 1:
+        raise TtcsimError("a range needs exactly one of step, factor or num", where)
+    if "step" in spec:
+        step = _whole(spec["step"], where)
+        if step < 1:
+            raise TtcsimError("step must be >= 1", where)
+        values = list(range(start, stop + 1, step))
+    elif "factor" in spec:
+        factor = float(spec["factor"])
+        if not factor > 1:
+            raise TtcsimError("factor must be > 1", where)
+        values, v = [], float(start)
+        while round(v) <= stop:
+            if not values or round(v) != values[-1]:
+                values.append(round(v))
+            v *= factor
+    else:
+        num = _whole(spec["num"], where)
+        if num < 1:
+            raise TtcsimError("num must be >= 1", where)
+        if spec.get("log", False):
+            raw = np.geomspace(start, stop, num)
+        else:
+            raw = np.linspace(start, stop, num)
+        values = sorted({int(round(v)) for v in raw})
+    if len(values) > 10_000_000:
+        raise TtcsimError("a range may hold at most 10,000,000 values", where)
+    return values
+
+
+def _whole(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer)):
+        raise TtcsimError(f"must be a whole number, got {value!r}", where)
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise TtcsimError(f"must be a whole number, got {value!r}", where)
+    return int(value)
+
+
+def _as_list(value, where: str, ranges: bool = False) -> list:
+    if isinstance(value, Mapping):
+        if ranges:
+            return _expand_range(value, where)
+        raise TtcsimError("expected a value or a list of values", where)
+    if isinstance(value, (list, tuple)):
+        out: list = []
+        for item in value:
+            if ranges and isinstance(item, Mapping):
+                out.extend(_expand_range(item, where))
+            else:
+                out.append(item)
+        if not out:
+            raise TtcsimError("empty list", where)
+        return out
+    return [value]
+
+
+def _strategy_items(value, where: str) -> list[str]:
+    """Strategy specs; ``{name: vote, n: [..] or {range}}`` expands to ``vote2, vote4, ...``."""
+    out: list[str] = []
+    for item in _as_list(value, where) if not isinstance(value, Mapping) else [value]:
+        if isinstance(item, Mapping):
+            if set(item) - {"name", "n"} or "name" not in item:
+                raise TtcsimError("a strategy family is {name: NAME, n: counts}", where)
+            counts = _as_list(item.get("n", []), where, ranges=True)
+            out.extend(f"{item['name']}{_whole(n, where)}" for n in counts)
+        else:
+            out.append(str(item))
+    return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A validated grid of scenarios (see the module docstring and ``docs/SWEEP.md``).
+
+    ``axes`` maps every axis of :data:`GROUP_AXES` + :data:`INNER_AXES` to a tuple of
+    resolved values; ``labels`` to the text each value has in the result table.
+    """
+
+    axes: dict
+    labels: dict
+    pue: float = 1.0
+    carbon_g_per_kwh: float | None = None
+    usd_per_kwh: float | None = None
+    source: str = "grid"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Number of values per axis, in enumeration order."""
+        return tuple(len(self.axes[a]) for a in GROUP_AXES + INNER_AXES)
+
+    @property
+    def n_scenarios(self) -> int:
+        """Rows of the result table."""
+        return math.prod(self.shape)
+
+    @property
+    def n_groups(self) -> int:
+        """Deployments (hardware x model x dtypes x tp x reward model)."""
+        return math.prod(len(self.axes[a]) for a in GROUP_AXES)
+
+    @property
+    def rows_per_group(self) -> int:
+        """Scenarios per deployment."""
+        return math.prod(len(self.axes[a]) for a in INNER_AXES)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping, source: str = "grid") -> Grid:
+        """Validate a grid mapping (parsed YAML); errors name the key."""
+        if not isinstance(data, Mapping):
+            raise TtcsimError("a grid must be a mapping of axis names to values", source)
+        valid = GROUP_AXES + INNER_AXES + SCALAR_KEYS
+        aliases = {"dtype": "weight_dtype"}
+        data = {aliases.get(k, k): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise TtcsimError(f"unknown key(s) {unknown}; valid: {', '.join(valid)}", source)
+        defaults = _predict_defaults()
+        raw = {a: data.get(a, defaults[a]) for a in GROUP_AXES + INNER_AXES}
+        axes: dict = {}
+        labels: dict = {}
+
+        def where(axis: str) -> str:
+            return f"{source}: {axis}"
+
+        profiles = [get_profile(v) for v in _as_list(raw["hw"], where("hw"))]
+        axes["hw"], labels["hw"] = tuple(profiles), tuple(p.name for p in profiles)
+        specs = [get_model(v) for v in _as_list(raw["model"], where("model"))]
+        axes["model"], labels["model"] = tuple(specs), tuple(s.name for s in specs)
+        wdt = [str(v) for v in _as_list(raw["weight_dtype"], where("weight_dtype"))]
+        for dt in wdt:
+            if dt not in DTYPE_BYTES:
+                raise TtcsimError(
+                    f"unknown dtype {dt!r}; valid: {', '.join(DTYPE_BYTES)}", where("weight_dtype")
+                )
+            if dt == "fp32":
+                raise TtcsimError("fp32 weights are not an inference dtype here", where("dtype"))
+        axes["weight_dtype"] = labels["weight_dtype"] = tuple(wdt)
+        kdt = [
+            None if v in (None, "auto", "default") else str(v)
+            for v in _as_list(raw["kv_dtype"], where("kv_dtype"))
+        ]
+        for dt in kdt:
+            if dt is not None and dt not in DTYPE_BYTES:
+                raise TtcsimError(
+                    f"unknown dtype {dt!r}; valid: {', '.join(DTYPE_BYTES)} or auto",
+                    where("kv_dtype"),
+                )
+        axes["kv_dtype"] = tuple(kdt)
+        labels["kv_dtype"] = tuple("auto" if d is None else d for d in kdt)
+        for axis in ("tp", "concurrency", "prompt_tokens"):
+            lo, hi, flag = _NUMERIC_LIMITS[axis]
+            values = [_whole(v, where(axis)) for v in _as_list(raw[axis], where(axis), True)]
+            for v in values:
+                if not lo <= v <= hi:
+                    raise TtcsimError(f"must be between {lo} and {hi}, got {v}", where(axis))
+            axes[axis] = tuple(values)
+            labels[axis] = tuple(values)
+        rms = [None if v in (None, "", "policy") else str(v) for v in _as_list(
+            raw["reward_model"], where("reward_model"))]
+        for rm in rms:
+            if rm is not None:
+                get_model(rm)
+        axes["reward_model"] = tuple(rms)
+        labels["reward_model"] = tuple("" if r is None else r for r in rms)
+        strategies = []
+        for spec in _strategy_items(raw["strategy"], where("strategy")):
+            strategies.append(parse_strategy(spec))
+        axes["strategy"] = tuple(strategies)
+        labels["strategy"] = tuple(s.spec for s in strategies)
+        lengths = []
+        for item in _as_list(raw["output_tokens"], where("output_tokens"), ranges=True):
+            if isinstance(item, list):
+                lengths.append(parse_lengths([_whole(v, where("output_tokens")) for v in item]))
+            else:
+                lengths.append(parse_lengths(item, where("output_tokens")))
+        axes["output_tokens"] = tuple(lengths)
+        labels["output_tokens"] = tuple(str(v) for v in lengths)
+        prefix = _as_list(raw["prefix_cache"], where("prefix_cache"))
+        for v in prefix:
+            if not isinstance(v, bool):
+                raise TtcsimError(f"must be true or false, got {v!r}", where("prefix_cache"))
+        axes["prefix_cache"] = labels["prefix_cache"] = tuple(prefix)
+
+        for axis in GROUP_AXES + INNER_AXES:  # one value per label (cot == single, aliases)
+            keep = {}
+            for value, label in zip(axes[axis], labels[axis], strict=True):
+                keep.setdefault(label, value)
+            labels[axis] = tuple(keep)
+            axes[axis] = tuple(keep.values())
+        scalars = {k: data.get(k, defaults[k]) for k in SCALAR_KEYS}
+        pue = scalars["pue"]
+        if isinstance(pue, bool) or not isinstance(pue, (int, float)) or not (
+            math.isfinite(pue) and 1.0 <= pue <= 5.0
+        ):
+            raise TtcsimError(f"must be a number in [1, 5], got {pue!r}", where("pue"))
+        for key in ("carbon_g_per_kwh", "usd_per_kwh"):
+            v = scalars[key]
+            if v is not None and (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not (math.isfinite(v) and v >= 0)
+            ):
+                raise TtcsimError(f"must be a finite number >= 0, got {v!r}", where(key))
+        return cls(
+            axes=axes,
+            labels=labels,
+            pue=float(pue),
+            carbon_g_per_kwh=None if scalars["carbon_g_per_kwh"] is None else float(
+                scalars["carbon_g_per_kwh"]),
+            usd_per_kwh=None if scalars["usd_per_kwh"] is None else float(
+                scalars["usd_per_kwh"]),
+            source=source,
+        )
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid YAML file; errors name the file and the key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TtcsimError(f"cannot read grid: {exc}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TtcsimError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where) from None
+    return Grid.from_mapping(data if data is not None else {}, source=str(path))
+
+
+def as_grid(grid: Grid | Mapping | str | Path) -> Grid:
+    """A :class:`Grid` from a grid, a mapping or a YAML path."""
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, Mapping):
+        return Grid.from_mapping(grid)
+    return load_grid(grid)
+
+
+# ---------------------------------------------------------------------------
+# Vectorised kernels (array versions of ttcsim.simulator.phases + predict's summary)
+# ---------------------------------------------------------------------------
+
+
+def repeat_sum(x: np.ndarray, count: int) -> np.ndarray:
+    """``np.full(count, v).sum()`` for every ``v`` in ``x``, bit for bit, elementwise.
+
+    numpy sums float64 pairwise: below 8 elements one running sum from 0; up to
+    128, eight running sums over interleaved elements combined as a tree, then
+    the remainder; above 128, the two halves (split at a multiple of 8) are
+    summed recursively.  For equal values every partial sum depends only on the
+    count, so each distinct sub-length is evaluated once.
+    """
+    x = np.asarray(x, dtype=float)
+    memo: dict[int, np.ndarray] = {}
+
+    def pairwise(n: int) -> np.ndarray:
+        hit = memo.get(n)
+        if hit is not None:
+            return hit
+        if n < 8:
+            res = np.zeros_like(x)
+            for _ in range(n):
+                res = res + x
+        elif n <= 128:
+            r = x
+            for _ in range(8, n - n % 8, 8):
+                r = r + x
+            res = (r + r) + (r + r)
+            res = res + res
+            for _ in range(n % 8):
+                res = res + x
+        else:
+            half = n // 2
+            half -= half % 8
+            res = pairwise(half) + pairwise(n - half)
+        memo[n] = res
+        return res
+
+    return pairwise(int(count))
+
+
+def _repeat_sum_by(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`repeat_sum` with a per-element count."""
+    out = np.empty_like(x)
+    uniq, inverse = np.unique(counts, return_inverse=True)
+    if uniq.size == 1:
+        return repeat_sum(x, int(uniq[0])) if uniq[0] != 1 else x.copy()
+    for k, n in enumerate(uniq):
+        sel = inverse == k
+        out[sel] = x[sel] if n == 1 else repeat_sum(x[sel], int(n))
+    return out
+
+
+def _unique_rows(*columns: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of small non-negative integer columns ``(values, bound)``.
+
+    Returns ``(first, inverse)``: the index of one row per distinct combination
+    and, for every row, its combination's position in ``first``.  Phases are
+    priced once per combination; each scenario's numbers do not depend on which
+    other scenarios share the array, so this changes no result.
+    """
+    span = math.prod(bound for _, bound in columns)
+    if span >= 2**62:  # a combined int64 key would overflow
+        stacked = np.stack([v for v, _ in columns], axis=1)
+        _, first, inverse = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
+        return first, inverse.reshape(-1)
+    key = np.zeros(columns[0][0].shape, dtype=np.int64)
+    for values, bound in columns:
+        key = key * bound + values
+    if span <= 8 * max(key.size, 1):
+        seen = np.zeros(span, dtype=bool)
+        seen[key] = True
+        position = np.cumsum(seen) - 1
+        first = np.empty(int(position[-1]) + 1 if span else 0, dtype=np.int64)
+        first[position[key]] = np.arange(key.size)
+        return first, position[key]
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+def _expand_phase(phase: PhaseArrays, inverse: np.ndarray) -> PhaseArrays:
+    return PhaseArrays(*(np.asarray(getattr(phase, f.name))[inverse] for f in fields(phase)))
+
+
+@dataclass
+class PhaseArrays:
+    """One phase for many scenarios: the fields of :class:`~ttcsim.simulator.phases.PhaseCost`."""
+
+    time_s: np.ndarray
+    query_time_s: np.ndarray
+    energy_j: np.ndarray
+    dynamic_energy_j: np.ndarray
+    peak_power_w: np.ndarray
+    throttled: np.ndarray
+
+
+def prefill_arrays(c: PassCoefficients, n_prompts: np.ndarray, prompt_tokens: np.ndarray):
+    """``prefill_phase(c, n_prompts, prompt_tokens)`` for arrays of whole numbers."""
+    tokens = (n_prompts * prompt_tokens).astype(float)  # exact integer product, as in Python
+    prompts = n_prompts.astype(float)
+    pairs = prompts * arch.causal_pairs(prompt_tokens.astype(float), 0.0)
+    cost = forward_pass(c, tokens, 0.0, pairs, sequences=prompts, prefill=True)
+    t, e = cost.time_s, cost.energy_j
+    return PhaseArrays(t, t, e, cost.dynamic_energy_j, average_power_w(e, t), cost.throttled)
+
+
+def decode_first_peak_w(c: PassCoefficients, n_sequences: np.ndarray, prompt: np.ndarray):
+    """Peak power of a decode phase: its first step, ``decode_phase``'s ``peak_power_w``."""
+    ctx = n_sequences * (prompt + 1.0)
+    first = forward_pass(c, n_sequences, ctx, ctx)
+    return average_power_w(first.energy_j, first.time_s)
+
+
+#: Decode steps priced at once where segments may reach the power limit: such
+#: segments are summed step by step by ``segment_cost``, one array element per step.
+HOT_STEP_BUDGET = 1 << 20
+
+
+def bounded_segment_cost(
+    c: PassCoefficients,
+    batch,
+    first_context,
+    n_steps,
+    first_power_w,
+    shared_prefix_tokens=None,
+    groups=None,
+):
+    """``segment_cost`` for many segments with bounded memory.
+
+    ``segment_cost`` expands a segment that reaches the power limit into one
+    element per step.  Segments whose first or last step draws more than 90 %
+    of the limit (``first_power_w``: the first step's power summed over GPUs) are
+    therefore priced in batches of at most :data:`HOT_STEP_BUDGET` steps; the rest
+    in one call.  Each segment's result does not depend on its batch.
+    ``shared_prefix_tokens`` and ``groups`` (arrays or None) are passed through.
+    """
+
+    def priced(sel):
+        if shared_prefix_tokens is None:
+            return segment_cost(c, batch[sel], first_context[sel], n_steps[sel])
+        return segment_cost(c, batch[sel], first_context[sel], n_steps[sel],
+                            shared_prefix_tokens[sel], groups[sel])
+
+    last_ctx = batch * (first_context + np.maximum(n_steps - 1.0, 0.0))
+    last = forward_pass(c, batch, last_ctx, last_ctx)
+    last_power = average_power_w(last.energy_j, last.time_s)
+    near = 0.9 * c.power_limit_w * c.n_gpus
+    risky = (first_power_w > near) | (last_power > near) | last.throttled
+    if not risky.any():
+        return priced(slice(None))
+    t, e_dyn, e = (np.empty(batch.shape) for _ in range(3))
+    calm = np.flatnonzero(~risky)
+    if calm.size:
+        t[calm], e_dyn[calm], e[calm] = priced(calm)
+    hot = np.flatnonzero(risky)
+    ends = np.cumsum(n_steps[hot])
+    lo = 0
+    while lo < hot.size:
+        hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - n_steps[hot[lo]] + HOT_STEP_BUDGET,
+                                             side="right")))
+        part = hot[lo:hi]
+        t[part], e_dyn[part], e[part] = priced(part)
+        lo = hi
+    return t, e_dyn, e
+
+
+def fixed_decode_arrays(
+    c: PassCoefficients,
+    prompt: np.ndarray,
+    output_tokens: np.ndarray,
+    n_queries: np.ndarray,
+    samples: np.ndarray,
+    shared_prefix: np.ndarray,
+):
+    """``decode_phase`` for a fixed output length (all ``Q*N`` sequences equal).
+
+    All sequences finish together, so ``deterministic_decode`` has one active
+    segment (the others have zero steps and cost exactly 0) and every query's
+    decode time is that segment's time; ``query_time_s`` is numpy's mean of ``Q``
+    equal values (:func:`repeat_sum` / ``Q``).  With ``shared_prefix`` (prefix
+    caching and ``N > 1``) the ``Q`` queries' samples share their prompt's KV reads
+    (``segment_cost``'s ``groups``); the per-query time is priced without sharing,
+    as ``decode_time_per_query_s`` does.
+    """
+    n = (n_queries * samples).astype(float)
+    steps = np.maximum(output_tokens - 1.0, 0.0)
+    peak = decode_first_peak_w(c, n, prompt)
+    shared = shared_prefix & (samples > 1)
+    first_ctx = prompt + 1.0
+    if shared.any():
+        p_shared = np.where(shared, prompt, 0.0)
+        groups = np.where(shared, np.where(steps > 0, n_queries.astype(float), 0.0), n)
+        t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak, p_shared, groups)
+        t_query = t.copy()
+        sh = np.flatnonzero(shared)
+        t_query[sh] = bounded_segment_cost(c, n[sh], first_ctx[sh], steps[sh], peak[sh])[0]
+    else:
+        t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak)
+        t_query = t
+    per_query = _repeat_sum_by(t_query, n_queries) / n_queries.astype(float)
+    q_time = np.where(steps > 0, per_query, 0.0)
+    return PhaseArrays(t, q_time, e, e_dyn, peak, np.zeros(t.shape, dtype=bool))
+
+
+def score_arrays(c: PassCoefficients, tokens: np.ndarray, pairs: np.ndarray) -> PhaseArrays:
+    """``score_phase`` given its pass totals ``tokens`` and ``pairs``."""
+    cost = forward_pass(c, tokens, 0.0, pairs)
+    t, e = cost.time_s, cost.energy_j
+    return PhaseArrays(t, t, e, cost.dynamic_energy_j, average_power_w(e, t), cost.throttled)
+
+
+def fixed_score_totals(prompt: np.ndarray, output_tokens: np.ndarray, n: np.ndarray):
+    """``score_phase``'s tokens and pairs for ``n`` candidates of one fixed length."""
+    seq = prompt + output_tokens
+    return _repeat_sum_by(seq, n), _repeat_sum_by(seq * (seq + 1) / 2, n)
+
+
+def random_score_totals(prompt: np.ndarray, m1: np.ndarray, m2: np.ndarray, n: np.ndarray):
+    """``score_phase``'s tokens and pairs from ``E[L]`` and ``E[L^2]``."""
+    p, nf = prompt, n.astype(float)
+    tokens = nf * (p + m1)
+    pairs = nf * ((p * p + 2 * p * m1 + m2) + (p + m1)) / 2.0
+    return tokens, pairs
+
+
+class _Expectation:
+    """``expected_decode`` of one length distribution, shared by every scenario using it.
+
+    Holds the survival function, step blocking and the binomial grids per batch
+    size (the costly scipy part), exactly as :func:`ttcsim.simulator.decode.expected_decode`
+    builds them.
+    """
+
+    def __init__(self, dist: LengthDistribution):
+        survival = np.asarray(dist.survival_steps(), dtype=float)
+        n_steps = survival.size
+        block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
+        if block > 1:
+            n_blocks = int(np.ceil(n_steps / block))
+            pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
+            centre = np.arange(n_blocks) * block + (block + 1) / 2.0
+            surv = pad.reshape(n_blocks, block).mean(axis=1)
+            steps_s, weight = centre, np.full(n_blocks, float(block))
+        else:
+            surv = survival
+            steps_s, weight = np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
+        self.surv, self.steps_s, self.weight = surv, steps_s, weight
+        self.blocked = block > 1
+        self.n_steps = surv.size
+        self._grids: OrderedDict = OrderedDict()
+        self._others: OrderedDict = OrderedDict()
+        self.cached_bytes = 0
+
+    def _remember(self, store: OrderedDict, key, value) -> None:
+        store[key] = value
+        self.cached_bytes += sum(a.nbytes for a in value)
+        while self.cached_bytes > (256 << 20) and len(store) > 1:
+            _, old = store.popitem(last=False)
+            self.cached_bytes -= sum(a.nbytes for a in old)
+
+    def grid(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(b, pmf * weight)`` for ``n`` sequences."""
+        hit = self._grids.get(n)
+        if hit is None:
+            b, pmf = _binomial_grid(n, self.surv)
+            hit = (b, pmf * self.weight[:, None])
+            self._remember(self._grids, n, hit)
+        return hit
+
+    def others(self, n_others: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(b_o, weight * F(s)^N * pmf_o)`` of the batch left when one query is done."""
+        key = (n_others, samples)
+        hit = self._others.get(key)
+        if hit is None:
+            b_o, pmf_o = _binomial_grid(n_others, self.surv)
+            all_done = (1.0 - self.surv) ** samples
+            hit = (b_o, self.weight[:, None] * all_done[:, None] * pmf_o)
+            self._remember(self._others, key, hit)
+        return hit
+
+    def tabulable(self, n: int) -> bool:
+        """Whether the grid's batch column is ``0..n`` at every step (unblocked, small ``n``)."""
+        return not self.blocked and n <= 128
+
+
+class _CostTable:
+    """Decode step costs ``forward_pass(c, b, b*m, b*m)`` tabulated over ``(m, b)``.
+
+    ``b = 0 .. width-1`` is the batch and ``m = P + s`` the context at step ``s``
+    of a prompt of ``P`` tokens.  A step's cost depends on ``P + s`` only, so the
+    rows ``m = P+1 .. P+steps`` of every prompt length are tabulated once, over
+    the union of those ranges, and each prompt reads a contiguous
+    ``(steps, width)`` block.
+    """
+
+    def __init__(self, c: PassCoefficients, prompts: np.ndarray, n_steps: int, width: int):
+        self.width, self.n_steps = width, n_steps
+        ps = np.unique(np.asarray(prompts, dtype=np.int64))
+        starts, stops = ps + 1, ps + n_steps  # inclusive rows of each prompt
+        pieces, self._row = [], {}
+        rows = 0
+        lo, hi = int(starts[0]), int(stops[0])
+        members = [int(ps[0])]
+        for p, a, z in zip(ps[1:].tolist(), starts[1:].tolist(), stops[1:].tolist(),
+                           strict=True):
+            if a <= hi + 1:
+                hi = max(hi, z)
+                members.append(p)
+                continue
+            rows = self._close(pieces, members, lo, hi, rows)
+            lo, hi, members = a, z, [p]
+        rows = self._close(pieces, members, lo, hi, rows)
+        m_all = np.concatenate(pieces) if pieces else np.zeros(0)
+        self.time_s = np.empty((rows, width))
+        self.dynamic_energy_j = np.empty((rows, width))
+        self.energy_j = np.empty((rows, width))
+        b = np.arange(width, dtype=float)[None, :]
+        block = max(1, BLOCK_MAX_ELEMENTS // max(width, 1))
+        for r in range(0, rows, block):
+            m = m_all[r : r + block, None]
+            ctx = b * m
+            cost = forward_pass(c, b, ctx, ctx)
+            self.time_s[r : r + block] = cost.time_s
+            self.dynamic_energy_j[r : r + block] = cost.dynamic_energy_j
+            self.energy_j[r : r + block] = cost.energy_j
+        self.nbytes = 3 * self.time_s.nbytes
+
+    def narrow(self, width: int) -> _CostTable:
+        """The first ``width`` batch columns as a table of their own (contiguous copies)."""
+        out = object.__new__(_CostTable)
+        out.width, out.n_steps, out._row = width, self.n_steps, self._row
+        out.time_s = np.ascontiguousarray(self.time_s[:, :width])
+        out.dynamic_energy_j = np.ascontiguousarray(self.dynamic_energy_j[:, :width])
+        out.energy_j = np.ascontiguousarray(self.energy_j[:, :width])
+        out.nbytes = 3 * out.time_s.nbytes
+        return out
+
+    def _close(self, pieces: list, members: list, lo: int, hi: int, rows: int) -> int:
+        pieces.append(np.arange(lo, hi + 1, dtype=float))
+        for p in members:
+            self._row[p] = rows + (p + 1 - lo)
+        return rows + hi - lo + 1
+
+    def first_row(self, prompt: int) -> int:
+        """Row of ``m = prompt + 1``."""
+        return self._row[prompt]
+
+
+def _weighted_sum(w: np.ndarray, table: np.ndarray, r0: int, buf: np.ndarray) -> float:
+    np.multiply(w, table[r0 : r0 + w.shape[0]], out=buf)
+    return buf.sum()
+
+
+def expected_decode_arrays(
+    c: PassCoefficients,
+    exp: _Expectation,
+    prompts: np.ndarray,
+    n_sequences: int,
+    samples: int,
+    table: _CostTable | None = None,
+    others_table: _CostTable | None = None,
+    shared_prefix: bool = False,
+    grids: tuple | None = None,
+):
+    """``expected_decode(c, P, survival, n, N)`` for every ``P`` in ``prompts`` (whole numbers).
+
+    Returns ``(time_s, dynamic_energy_j, energy_j, query_time_s)`` arrays.  With
+    cost tables (widths ``n+1`` and ``n-N+1``, needs :meth:`_Expectation.tabulable`)
+    the step costs are read from them; otherwise the ``(prompts, steps, batch)``
+    block is evaluated in pieces.  Either way each sum runs over the same
+    contiguous ``(steps, batch)`` array as in the scalar function.
+    """
+    others = n_sequences - samples
+    if grids is None:  # ``grids``: the two grids fetched beforehand (thread-safe callers)
+        grids = exp.grid(n_sequences), exp.others(others, samples) if others > 0 else None
+    (b, w), (b_o, v_o) = grids[0], grids[1] if others > 0 else (None, None)
+    k = prompts.size
+    t_out, d_out, e_out, q_out = (np.empty(k) for _ in range(4))
+    if table is not None:
+        buf = np.empty(w.shape)
+        buf_o = np.empty(v_o.shape) if others > 0 else None
+        for i, p in enumerate(prompts.tolist()):
+            r0 = table.first_row(int(p))
+            t = _weighted_sum(w, table.time_s, r0, buf)
+            t_out[i] = t
+            d_out[i] = _weighted_sum(w, table.dynamic_energy_j, r0, buf)
+            e_out[i] = _weighted_sum(w, table.energy_j, r0, buf)
+            if others > 0:
+                r0_o = others_table.first_row(int(p))
+                q_out[i] = float(t) - float(_weighted_sum(v_o, others_table.time_s, r0_o, buf_o))
+            else:
+                q_out[i] = t
+        return t_out, d_out, e_out, q_out
+    per_prompt = max(1, b.size)
+    step = max(1, BLOCK_MAX_ELEMENTS // per_prompt)
+    steps_col = exp.steps_s[None, :, None]
+    share = shared_prefix and samples > 1
+    if share:  # expected queries still running: their samples' prompt reads hit L2
+        groups = (n_sequences // samples) * (1.0 - (1.0 - exp.surv) ** samples)
+        g_col = groups[None, :, None]
+
+    def priced(bb, pk):
+        ctx = bb[None] * (pk + steps_col)
+        hbm = ctx
+        if share:
+            hbm = ctx - np.maximum(bb[None] - g_col, 0.0) * pk
+        return forward_pass(c, bb[None], ctx, ctx, kv_hbm_tokens=hbm)
+
+    for lo in range(0, k, step):
+        pk = prompts[lo : lo + step].astype(float)[:, None, None]
+        cost = priced(b, pk)
+        t_out[lo : lo + step] = (w[None] * cost.time_s).sum(axis=(1, 2))
+        d_out[lo : lo + step] = (w[None] * cost.dynamic_energy_j).sum(axis=(1, 2))
+        e_out[lo : lo + step] = (w[None] * cost.energy_j).sum(axis=(1, 2))
+        if others > 0:
+            cost_o = priced(b_o, pk)
+            t_o = (v_o[None] * cost_o.time_s).sum(axis=(1, 2))
+            q_out[lo : lo + step] = t_out[lo : lo + step] - t_o
+        else:
+            q_out[lo : lo + step] = t_out[lo : lo + step]
+    return t_out, d_out, e_out, q_out
+
+
+# ---------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------
+
+#: Result columns and their dtypes ("category" for labels).
+COLUMNS: dict[str, str] = {
+    "hw": "category",
+    "model": "category",
+    "weight_dtype": "category",
+    "kv_dtype": "category",
+    "tp": "int64",
+    "gpus": "int64",
+    "reward_model": "category",
+    "strategy": "category",
+    "samples": "int64",
+    "output_tokens_spec": "category",
+    "prefix_cache": "bool",
+    "concurrency": "int64",
+    "prompt_tokens": "int64",
+    "calibrated_profile": "bool",
+    "fits": "bool",
+    "status": "category",
+    "memory_per_gpu_bytes": "float64",
+    "energy_j": "float64",
+    "energy_prefill_j": "float64",
+    "energy_decode_j": "float64",
+    "energy_score_j": "float64",
+    "energy_dynamic_j": "float64",
+    "latency_s": "float64",
+    "batch_latency_s": "float64",
+    "prefill_latency_s": "float64",
+    "decode_latency_s": "float64",
+    "score_latency_s": "float64",
+    "ttft_s": "float64",
+    "output_tokens": "float64",
+    "j_per_output_token": "float64",
+    "avg_power_w": "float64",
+    "peak_power_w": "float64",
+    "power_limited": "bool",
+    "energy_facility_j": "float64",
+    "co2_g": "float64",
+    "usd": "float64",
+}
+#: Values of the ``status`` column: why a row has no results.
+STATUS = ("ok", "out-of-memory", "context-exceeded", "invalid")
+#: Result columns that come from the physics (NaN where the scenario does not fit).
+RESULT_COLUMNS = tuple(COLUMNS)[tuple(COLUMNS).index("energy_j") :]
+
+
+@dataclass
+class _Group:
+    """One deployment: coefficients and the per-group label codes."""
+
+    profile: HardwareProfile
+    spec: ModelSpec
+    c: PassCoefficients
+    reward: PassCoefficients
+    weight_dtype: str
+    kv_dtype: str
+    tp: int
+    reward_model: str | None
+    codes: dict
+    tables: OrderedDict = field(default_factory=OrderedDict)
+    table_bytes: int = 0
+
+
+@dataclass
+class _Plan:
+    """Per-axis lookup arrays indexed by the inner digits of a row."""
+
+    samples: np.ndarray
+    has_score: np.ndarray
+    vectorised_strategy: np.ndarray
+    length_kind: np.ndarray  #: 0 fixed, 1 random, 2 explicit list (slow path)
+    fixed_tokens: np.ndarray
+    max_tokens: np.ndarray
+    mean_tokens: np.ndarray
+    second_moment: np.ndarray
+    prefix: np.ndarray
+    concurrency: np.ndarray
+    prompt: np.ndarray
+    expectations: dict = field(default_factory=dict)
+
+
+def _is_vectorised(strategy: Strategy) -> bool:
+    return type(strategy) in (Single, Vote, BestOfN)
+
+
+class Sweeper:
+    """Evaluates a :class:`Grid` chunk by chunk; caches coefficients and distribution grids.
+
+    ``columns(start, stop)`` returns the result columns of rows ``start..stop-1``
+    as numpy arrays (labels as category codes; see :meth:`categories`).
+    """
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        ax = grid.axes
+        strategies = ax["strategy"]
+        lengths = ax["output_tokens"]
+        kinds, fixed, maxes, means, m2s = [], [], [], [], []
+        for spec in lengths:
+            if isinstance(spec, LengthList):
+                kinds.append(2)
+                fixed.append(np.nan)
+                maxes.append(max(spec.values))
+                means.append(np.nan)
+                m2s.append(np.nan)
+            elif spec.is_fixed:
+                kinds.append(0)
+                fixed.append(float(spec.tokens))
+                maxes.append(spec.upper_bound())
+                means.append(spec.mean())
+                m2s.append(np.nan)
+            else:
+                kinds.append(1)
+                fixed.append(np.nan)
+                maxes.append(spec.upper_bound())
+                means.append(spec.mean())
+                m2s.append(spec.second_moment())
+        self.plan = _Plan(
+            samples=np.array([s.samples_per_query for s in strategies], dtype=np.int64),
+            has_score=np.array([type(s) is BestOfN for s in strategies]),
+            vectorised_strategy=np.array([_is_vectorised(s) for s in strategies]),
+            length_kind=np.array(kinds, dtype=np.int8),
+            fixed_tokens=np.array(fixed, dtype=float),
+            max_tokens=np.array(maxes, dtype=np.int64),
+            mean_tokens=np.array(means, dtype=float),
+            second_moment=np.array(m2s, dtype=float),
+            prefix=np.array(ax["prefix_cache"], dtype=bool),
+            concurrency=np.array(ax["concurrency"], dtype=np.int64),
+            prompt=np.array(ax["prompt_tokens"], dtype=np.int64),
+        )
+        self._group_shape = tuple(len(ax[a]) for a in GROUP_AXES)
+        self._inner_shape = tuple(len(ax[a]) for a in INNER_AXES)
+        self._coeff_cache: dict = {}
+        self._group_cache: tuple | None = None
+        self._kv_labels: list[str] = []
+        for wdt in ax["weight_dtype"]:
+            for kdt in ax["kv_dtype"]:
+                label = kdt or ("fp8" if wdt == "fp8" else "bf16")
+                if label not in self._kv_labels:
+                    self._kv_labels.append(label)
+        self._warned: set = set()
+        self.slow_rows = 0
+        #: threads for the random-length expectations
+        self.threads = min(2, os.cpu_count() or 1)
+
+    # -- labels ---------------------------------------------------------------
+
+    def categories(self) -> dict[str, list[str]]:
+        """Category labels of every label column (codes index into these)."""
+        lab = self.grid.labels
+        return {
+            "hw": list(lab["hw"]),
+            "model": list(lab["model"]),
+            "weight_dtype": list(lab["weight_dtype"]),
+            "kv_dtype": list(self._kv_labels),
+            "reward_model": list(lab["reward_model"]),
+            "strategy": list(lab["strategy"]),
+            "output_tokens_spec": list(lab["output_tokens"]),
+            "status": list(STATUS),
+        }
+
+    def column_names(self) -> list[str]:
+        """Columns present in this grid's table (``co2_g``/``usd`` only when priced)."""
+        names = list(COLUMNS)
+        if self.grid.carbon_g_per_kwh is None:
+            names.remove("co2_g")
+        if self.grid.usd_per_kwh is None:
+            names.remove("usd")
+        return names
+
+    # -- groups ---------------------------------------------------------------
+
+    def _coefficients(self, profile, spec, wdt, kdt, tp) -> PassCoefficients:
+        key = (profile.name, id(profile), spec.name, id(spec), wdt, kdt, tp)
+        hit = self._coeff_cache.get(key)
+        if hit is None:
+            hit = pass_coefficients(profile, spec, wdt, kdt, tp)
+            self._coeff_cache[key] = hit
+        return hit
+
+    def _group(self, g: int) -> _Group:
+        if self._group_cache is not None and self._group_cache[0] == g:
+            return self._group_cache[1]
+        digits = np.unravel_index(g, self._group_shape)
+        ax = self.grid.axes
+        hi, mi, wi, ki, ti, ri = (int(d) for d in digits)
+        profile, spec = ax["hw"][hi], ax["model"][mi]
+        wdt, tp, rm = ax["weight_dtype"][wi], ax["tp"][ti], ax["reward_model"][ri]
+        kdt = ax["kv_dtype"][ki] or ("fp8" if wdt == "fp8" else "bf16")
+        c = self._coefficients(profile, spec, wdt, kdt, tp)
+        reward = c if rm is None else self._coefficients(profile, get_model(rm), wdt, kdt, tp)
+        codes = {
+            "hw": hi,
+            "model": mi,
+            "weight_dtype": wi,
+            "kv_dtype": self._kv_labels.index(kdt),
+            "reward_model": ri,
+        }
+        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes)
+        self._group_cache = (g, group)
+        return group
+
+    def _table_for(self, group: _Group, exp: _Expectation, width: int) -> _CostTable | None:
+        """A cost table of ``width`` batch columns for ``exp``'s steps.
+
+        Covers every prompt length of the grid.  The widest table any scenario of
+        the grid needs is built once per deployment; narrower ones are copied from
+        it.  None when larger than :data:`TABLE_MAX_ELEMENTS`.
+        """
+        key = (exp.n_steps, width)
+        hit = group.tables.get(key)
+        if hit is not None:
+            group.tables.move_to_end(key)
+            return hit
+        widest = min(int(self.plan.samples.max()) * int(self.plan.concurrency.max()), 128) + 1
+        base = group.tables.get((exp.n_steps, widest))
+        if base is None:
+            n_prompts = self.plan.prompt.size
+            span = int(self.plan.prompt.max() - self.plan.prompt.min()) + exp.n_steps
+            if min(span, n_prompts * exp.n_steps) * widest > TABLE_MAX_ELEMENTS:
+                return None
+            base = _CostTable(group.c, self.plan.prompt, exp.n_steps, widest)
+            self._remember_table(group, (exp.n_steps, widest), base)
+        hit = base if width == widest else base.narrow(width)
+        if hit is not base:
+            self._remember_table(group, key, hit)
+        return hit
+
+    @staticmethod
+    def _remember_table(group: _Group, key, table: _CostTable) -> None:
+        group.tables[key] = table
+        group.table_bytes += table.nbytes
+        while group.table_bytes > 4 * 8 * TABLE_MAX_ELEMENTS and len(group.tables) > 2:
+            _, old = group.tables.popitem(last=False)
+            group.table_bytes -= old.nbytes
+
+    def _expectation(self, length_index: int) -> _Expectation:
+        exps = self.plan.expectations
+        if length_index not in exps:
+            exps[length_index] = _Expectation(self.grid.axes["output_tokens"][length_index])
+        return exps[length_index]
+
+    # -- evaluation -----------------------------------------------------------
+
+    def columns(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Result columns of rows ``start .. stop-1`` (label columns as integer codes)."""
+        if not 0 <= start <= stop <= self.grid.n_scenarios:
+            raise ValueError(f"rows {start}..{stop} outside 0..{self.grid.n_scenarios}")
+        n = stop - start
+        names = self.column_names()
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            kind = COLUMNS[name]
+            if kind == "float64":
+                out[name] = np.full(n, np.nan)
+            elif kind == "bool":
+                out[name] = np.zeros(n, dtype=bool)
+            elif kind == "int64":
+                out[name] = np.zeros(n, dtype=np.int64)
+            else:
+                out[name] = np.zeros(n, dtype=np.int32)
+        per_group = self.grid.rows_per_group
+        row = start
+        while row < stop:
+            g, local = divmod(row, per_group)
+            seg_stop = min(stop, (g + 1) * per_group)
+            self._evaluate(g, local, local + seg_stop - row, out, row - start)
+            row = seg_stop
+        return out
+
+    def _evaluate(self, g: int, lo: int, hi: int, out: dict, at: int) -> None:
+        group = self._group(g)
+        plan = self.plan
+        sl = slice(at, at + hi - lo)
+        si, oi, ci, qi, pi = np.unravel_index(np.arange(lo, hi), self._inner_shape)
+        for key, code in group.codes.items():
+            out[key][sl] = code
+        out["strategy"][sl] = si
+        out["output_tokens_spec"][sl] = oi
+        out["tp"][sl] = group.tp
+        out["gpus"][sl] = group.c.n_gpus
+        out["calibrated_profile"][sl] = group.profile.calibrated
+        samples = plan.samples[si]
+        prefix = plan.prefix[ci]
+        conc = plan.concurrency[qi]
+        prompt_i = plan.prompt[pi]
+        out["samples"][sl] = samples
+        out["prefix_cache"][sl] = prefix
+        out["concurrency"][sl] = conc
+        out["prompt_tokens"][sl] = prompt_i
+
+        # memory and context, as in predict (integer products are exact)
+        c, spec = group.c, group.spec
+        max_len = plan.max_tokens[oi]
+        prompts_i = conc * np.where(prefix, 1, samples)
+        kv_tokens = (prompts_i * prompt_i + conc * samples * max_len).astype(float)
+        per_token = 4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
+        workspace = (conc * prompt_i).astype(float) * per_token * ACTIVATION_BYTES + (
+            conc * samples * spec.vocab_size
+        ).astype(float) * 4.0
+        need = c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
+        out["memory_per_gpu_bytes"][sl] = need
+        ctx_ok = prompt_i + max_len <= spec.max_context_tokens
+        fits = ctx_ok & ~(need > c.memory_capacity_bytes)
+        kind = plan.length_kind[oi]
+        fast = plan.vectorised_strategy[si] & (kind != 2)
+        out["fits"][sl] = fits
+        out["status"][sl] = np.where(ctx_ok, np.where(fits, 0, 1), 2)
+
+        ok = np.flatnonzero(fast & fits)
+        if ok.size:
+            self._fast(group, ok + at, si[ok], oi[ok], ci[ok], qi[ok], pi[ok], out)
+        slow = np.flatnonzero(~fast)  # predict() decides fit and context for these
+        if slow.size:
+            self._slow(group, slow + at, si[slow], oi[slow], ci[slow], qi[slow], pi[slow], out)
+
+    def _fast(self, group, rows, si, oi, ci, qi, pi, out) -> None:
+        """Vectorised scenarios; each phase is priced once per distinct set of its inputs."""
+        plan = self.plan
+        c = group.c
+        samples = plan.samples[si]
+        prefix = plan.prefix[ci]
+        conc = plan.concurrency[qi]
+        prompt_i = plan.prompt[pi]
+        prompt = prompt_i.astype(float)
+        n_seq = conc * samples
+        kind = plan.length_kind[oi]
+        m = rows.size
+        n_s, n_o = len(plan.samples), len(plan.length_kind)
+        n_q, n_p = len(plan.concurrency), len(plan.prompt)
+
+        # prefill depends on (Q * copies, P)
+        copies = np.where(prefix, 0, si + 1)
+        first, inv = _unique_rows((pi, n_p), (qi, n_q), (copies, n_s + 1))
+        n_prompts = conc[first] * np.where(prefix[first], 1, samples[first])
+        pre = _expand_phase(prefill_arrays(c, n_prompts, prompt_i[first]), inv)
+
+        dec_t, dec_q, dec_e, dec_d = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+        dec_peak = np.empty(m)
+        fixed = np.flatnonzero(kind == 0)
+        if fixed.size:
+            f = fixed
+            first, inv = _unique_rows((pi[f], n_p), (qi[f], n_q), (si[f], n_s), (oi[f], n_o),
+                                      (ci[f], len(plan.prefix)))
+            u = f[first]
+            dec = fixed_decode_arrays(c, prompt[u], plan.fixed_tokens[oi[u]], conc[u], samples[u],
+                                      prefix[u])
+            dec_t[f], dec_q[f] = dec.time_s[inv], dec.query_time_s[inv]
+            dec_e[f], dec_d[f], dec_peak[f] = dec.energy_j[inv], dec.dynamic_energy_j[inv], (
+                dec.peak_power_w[inv])
+        rand = np.flatnonzero(kind == 1)
+        if rand.size:
+            dec_peak[rand] = decode_first_peak_w(c, n_seq[rand].astype(float), prompt[rand])
+            self._random_decode(group, rand, oi, n_seq, samples, prompt_i, prefix,
+                                (dec_t, dec_d, dec_e, dec_q))
+
+        sc_t = np.zeros(m)
+        sc_e, sc_d = np.zeros(m), np.zeros(m)
+        sc_peak = np.full(m, -np.inf)
+        sc_thr = np.zeros(m, dtype=bool)
+        scored = np.flatnonzero(plan.has_score[si])
+        if scored.size:
+            first, inv = _unique_rows(
+                (pi[scored], n_p), (qi[scored], n_q), (si[scored], n_s), (oi[scored], n_o))
+            u = scored[first]
+            p_s, o_s, nn = prompt[u], oi[u], n_seq[u]
+            tokens, pairs = np.empty(u.size), np.empty(u.size)
+            fx = plan.length_kind[o_s] == 0
+            if fx.any():
+                tokens[fx], pairs[fx] = fixed_score_totals(
+                    p_s[fx], plan.fixed_tokens[o_s[fx]], nn[fx])
+            if (~fx).any():
+                tokens[~fx], pairs[~fx] = random_score_totals(
+                    p_s[~fx], plan.mean_tokens[o_s[~fx]], plan.second_moment[o_s[~fx]], nn[~fx])
+            sc = _expand_phase(score_arrays(group.reward, tokens, pairs), inv)
+            sc_t[scored], sc_e[scored], sc_d[scored] = sc.time_s, sc.energy_j, sc.dynamic_energy_j
+            sc_peak[scored], sc_thr[scored] = sc.peak_power_w, sc.throttled
+
+        # predict's summary, same order of operations (x + 0.0 == x for absent phases)
+        q = conc.astype(float)
+        energy_sum = pre.energy_j + dec_e + sc_e
+        energy = energy_sum / q
+        time_sum = pre.time_s + dec_t + sc_t
+        dynamic = (pre.dynamic_energy_j + dec_d + sc_d) / q
+        dynamic = dynamic + (c.static_power_w - c.idle_power_w) * c.n_gpus * time_sum / q
+        tokens_out = samples * plan.mean_tokens[oi]
+        self._store(out, rows, {
+            "energy_j": energy,
+            "energy_prefill_j": pre.energy_j / q,
+            "energy_decode_j": dec_e / q,
+            "energy_score_j": sc_e / q,
+            "energy_dynamic_j": dynamic,
+            "latency_s": pre.query_time_s + dec_q + sc_t,
+            "batch_latency_s": time_sum,
+            "prefill_latency_s": pre.time_s,
+            "decode_latency_s": dec_t,
+            "score_latency_s": sc_t,
+            "ttft_s": pre.query_time_s,
+            "output_tokens": tokens_out,
+            "j_per_output_token": energy / tokens_out,
+            "avg_power_w": np.divide(
+                energy * q, time_sum, out=np.zeros(m), where=time_sum > 0),
+            "peak_power_w": np.maximum(np.maximum(pre.peak_power_w, dec_peak), sc_peak),
+            "power_limited": pre.throttled | sc_thr,
+        }, energy)
+
+    def _store(self, out: dict, rows: np.ndarray, values: dict, energy: np.ndarray) -> None:
+        grid = self.grid
+        contiguous = rows.size == rows[-1] - rows[0] + 1
+        where = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+        for name, v in values.items():
+            out[name][where] = v
+        facility = energy * grid.pue
+        out["energy_facility_j"][where] = facility
+        kwh = facility / JOULES_PER_KWH
+        if grid.carbon_g_per_kwh is not None:
+            out["co2_g"][where] = kwh * grid.carbon_g_per_kwh
+        if grid.usd_per_kwh is not None:
+            out["usd"][where] = kwh * grid.usd_per_kwh
+
+    def _random_decode(self, group, rand, oi, n_seq, samples, prompt_i, prefix, outs) -> None:
+        """Expected decode of the random-length rows ``rand`` (indices into the fast rows).
+
+        Rows sharing (distribution, ``Q*N``, ``N``) are one task, vectorised over their
+        prompt lengths; tasks run on two threads (numpy releases the GIL).
+        """
+        shared = (prefix[rand] & (samples[rand] > 1)).astype(np.int64)
+        keys = np.stack([oi[rand].astype(np.int64), n_seq[rand], samples[rand], shared], axis=1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        tasks = []
+        for k, (o, n, s, sh) in enumerate(uniq.tolist()):
+            members = rand[inverse == k]
+            exp = self._expectation(o)
+            grids = exp.grid(n), exp.others(n - s, s) if n > s else None
+            prompts, back = np.unique(prompt_i[members], return_inverse=True)
+            table = others = None
+            if exp.tabulable(n) and not sh:
+                table = self._table_for(group, exp, n + 1)
+                if table is not None and n > s:
+                    others = self._table_for(group, exp, n - s + 1)
+                    table = table if others is not None else None
+            tasks.append(
+                (members, back.reshape(-1), exp, prompts, n, s, bool(sh), table, others, grids))
+
+        def run(task) -> None:
+            members, back, exp, prompts, n, s, sh, table, others, grids = task
+            values = expected_decode_arrays(group.c, exp, prompts, n, s, table, others, sh, grids)
+            for arr, vals in zip(outs, values, strict=True):
+                arr[members] = vals[back]
+
+        if len(tasks) > 1 and self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.threads) as pool:
+                list(pool.map(run, tasks))
+        else:
+            for task in tasks:
+                run(task)
+
+    def _slow(self, group, rows, si, oi, ci, qi, pi, out) -> None:
+        """Scenarios the kernels do not cover: one ``predict()`` call each."""
+        from ttcsim.predict import predict
+
+        ax, grid = self.grid.axes, self.grid
+        labels = self.grid.labels
+        plan = self.plan
+        reasons = {
+            labels["strategy"][s] if not plan.vectorised_strategy[s] else labels["output_tokens"][o]
+            for s, o in zip(si.tolist(), oi.tolist(), strict=True)
+        }
+        for reason in sorted(reasons - self._warned):
+            self._warned.add(reason)
+            warnings.warn(
+                f"{reason!r} is not vectorised: its scenarios are evaluated by calling "
+                "predict() one at a time (slow path)",
+                SlowPathWarning,
+                stacklevel=4,
+            )
+        self.slow_rows += rows.size
+        for row, s, o, cc, qq, pp in zip(rows.tolist(), si.tolist(), oi.tolist(), ci.tolist(),
+                                          qi.tolist(), pi.tolist(), strict=True):
+            try:
+                r = predict(
+                    hw=group.profile, model=group.spec, strategy=labels["strategy"][s],
+                    prompt_tokens=int(ax["prompt_tokens"][pp]),
+                    output_tokens=ax["output_tokens"][o], concurrency=int(ax["concurrency"][qq]),
+                    tp=group.tp, weight_dtype=group.weight_dtype, kv_dtype=group.kv_dtype,
+                    prefix_cache=bool(ax["prefix_cache"][cc]), reward_model=group.reward_model,
+                    pue=grid.pue, carbon_g_per_kwh=grid.carbon_g_per_kwh,
+                    usd_per_kwh=grid.usd_per_kwh, percentiles=False,
+                )
+            except DoesNotFitError:
+                out["fits"][row] = False
+                out["status"][row] = STATUS.index("out-of-memory")
+                continue
+            except TtcsimError as exc:
+                out["fits"][row] = False
+                if "context" in str(exc):
+                    out["status"][row] = STATUS.index("context-exceeded")
+                    continue
+                out["status"][row] = STATUS.index("invalid")
+                if "invalid" not in self._warned:
+                    self._warned.add("invalid")
+                    warnings.warn(
+                        f"predict() refused a scenario ({exc}); such rows get status "
+                        "'invalid' and NaN results",
+                        SlowPathWarning,
+                        stacklevel=4,
+                    )
+                continue
+            out["fits"][row] = True
+            out["status"][row] = STATUS.index("ok")
+            for name in RESULT_COLUMNS:
+                if name in out:
+                    value = getattr(r, name)
+                    out[name][row] = np.nan if value is None else value
+
+
+def _frame(sweeper: Sweeper, cols: dict[str, np.ndarray]):
+    import pandas as pd
+
+    cats = sweeper.categories()
+    data = {}
+    for name, values in cols.items():
+        if name in cats:
+            data[name] = pd.Categorical.from_codes(values, categories=pd.Index(cats[name]))
+        else:
+            data[name] = values
+    return pd.DataFrame(data, copy=False)
+
+
+def chunk_bounds(n_rows: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks covering ``n_rows`` rows."""
+    if chunk_rows < 1:
+        raise TtcsimError(f"must be >= 1, got {chunk_rows}", "--chunk-rows")
+    for start in range(0, n_rows, chunk_rows):
+        yield start, min(n_rows, start + chunk_rows)
+
+
+def iter_sweep(grid: Grid | Mapping | str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """Yield the result table as pandas DataFrames of at most ``chunk_rows`` rows."""
+    sweeper = Sweeper(as_grid(grid))
+    for start, stop in chunk_bounds(sweeper.grid.n_scenarios, chunk_rows):
+        yield _frame(sweeper, sweeper.columns(start, stop))
+
+
+def sweep(
+    grid: Grid | Mapping | str | Path,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = False,
+):
+    """Every scenario of ``grid`` as one tidy DataFrame (one row per scenario).
+
+    Columns are those of :class:`~ttcsim.predict.Prediction` (per query, SI units in
+    the names) plus ``samples``, ``fits`` and ``memory_per_gpu_bytes``; scenarios
+    that do not fit in memory or in the model's context have ``fits=False`` and
+    NaN results.  Row order: the grid's axes in :data:`GROUP_AXES` +
+    :data:`INNER_AXES` order, the last varying fastest.
+    """
+    import pandas as pd
+
+    sweeper = Sweeper(as_grid(grid))
+    total = sweeper.grid.n_scenarios
+    bar = ProgressBar(total, enabled=progress)
+    parts = []
+    for start, stop in chunk_bounds(total, chunk_rows):
+        parts.append(_frame(sweeper, sweeper.columns(start, stop)))
+        bar.update(stop - start)
+    bar.close()
+    if not parts:
+        return _frame(sweeper, sweeper.columns(0, 0))
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, total: int, enabled: bool = True, label: str = "sweep", stream=None):
+        import sys
+
+        self.total, self.enabled, self.label = total, enabled, label
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        """Advance by ``n`` rows."""
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= 0.1 or self.done >= self.total):
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = self.done / self.total if self.total else 1.0
+        width = 24
+        filled = int(frac * width)
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{self.done:,}/{self.total:,} scenarios  {elapsed:6.1f} s  {rate:,.0f}/s "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Finish the line."""
+        if self.enabled:
+            self._draw(time.perf_counter())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What :func:`write_sweep` wrote."""
+
+    path: Path
+    format: str
+    rows: int
+    fitting_rows: int
+    slow_rows: int
+    seconds: float
+
+    @property
+    def scenarios_per_s(self) -> float:
+        """Rows evaluated and written per second of wall time."""
+        return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+
+def write_sweep(
+    grid: Grid | Mapping | str | Path,
+    out: str | Path,
+    fmt: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = False,
+    overwrite: bool = True,
+) -> SweepReport:
+    """Evaluate ``grid`` chunk by chunk and stream the table to ``out`` (CSV or Parquet).
+
+    ``fmt`` is ``csv``, ``parquet`` or ``auto`` (from the suffix; else Parquet when
+    pyarrow is importable, CSV otherwise).  Memory is bounded by ``chunk_rows``:
+    one chunk is evaluated while the previous one is written by a second thread.
+    """
+    import queue
+    import threading
+
+    from ttcsim.tablewriter import TableWriter
+
+    start_time = time.perf_counter()
+    g = as_grid(grid)
+    sweeper = Sweeper(g)
+    writer = TableWriter(out, sweeper.column_names(), sweeper.categories(), fmt, overwrite)
+    bar = ProgressBar(g.n_scenarios, enabled=progress)
+    pending: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+    fitting = 0
+
+    def drain() -> None:
+        while True:
+            cols = pending.get()
+            if cols is None:
+                return
+            if failure:
+                continue
+            try:
+                writer.write(cols)
+                bar.update(len(cols["fits"]))
+            except BaseException as exc:  # handed to the main thread
+                failure.append(exc)
+
+    thread = threading.Thread(target=drain, name="ttcsim-sweep-writer", daemon=True)
+    thread.start()
+    try:
+        for lo, hi in chunk_bounds(g.n_scenarios, chunk_rows):
+            cols = sweeper.columns(lo, hi)
+            fitting += int(cols["fits"].sum())
+            pending.put(cols)
+            if failure:
+                break
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        writer.abort()
+        raise failure[0]
+    path = writer.close()
+    bar.close()
+    return SweepReport(
+        path=path,
+        format=writer.format,
+        rows=writer.rows,
+        fitting_rows=fitting,
+        slow_rows=sweeper.slow_rows,
+        seconds=time.perf_counter() - start_time,
+    )
