@@ -1,0 +1,317 @@
+"""``ttcsim plan``: the fewest GPUs that serve a load under latency targets, and their costs.
+
+Thin command: parse options, call :func:`ttcsim.plan.plan`, format.  Only click
+is imported at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+
+def _friendly(fn):
+    """Defer to :func:`ttcsim.cli._friendly` (imported late: cli imports this module)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ttcsim.cli import _friendly as friendly
+
+        return friendly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+_COLUMNS = (
+    # header, width, formatter
+    ("option", 18, lambda o: f"{o.hw} tp{o.tp}"),
+    ("GPUs", 5, lambda o: _num(o.gpus, "d")),
+    ("repl", 5, lambda o: _num(o.replicas, "d")),
+    ("batch", 6, lambda o: _num(o.batch, ".0f")),
+    ("util", 5, lambda o: _num(o.utilization, ".2f")),
+    ("avg kW", 7, lambda o: _num(o.avg_power_kw, ".2f")),
+    ("peak kW", 8, lambda o: _num(o.peak_power_kw, ".2f")),
+    ("kWh/day", 8, lambda o: _num(o.kwh_per_day, ".1f")),
+    ("J/query", 8, lambda o: _num(o.j_per_query, ".0f")),
+    ("Wh/q", 6, lambda o: _num(o.wh_per_query, ".3f")),
+    ("$/day", 7, lambda o: _num(o.usd_per_day, ".0f")),
+    ("$/Mtok", 7, lambda o: _num(o.usd_per_million_output_tokens, ".3f")),
+    ("tCO2/yr", 8, lambda o: _num(o.co2_tonnes_per_year, ".2f")),
+    ("TTFT90", 7, lambda o: _ms(o.ttft_p90_s)),
+    (
+        "TPOT90",
+        7,
+        lambda o: _ms(o.tpot_p90_s) if o.tpot_p90_s is None else f"{o.tpot_p90_s * 1e3:.1f}",
+    ),
+    ("E2E90", 6, lambda o: _num(o.e2e_p90_s, ".1f")),
+)
+
+
+def _slo_text(p) -> str:
+    parts = []
+    if p.slo_ttft_p90_s is not None:
+        parts.append(f"TTFT {p.slo_ttft_p90_s * 1e3:g} ms")
+    if p.slo_tpot_p90_s is not None:
+        parts.append(f"TPOT {p.slo_tpot_p90_s * 1e3:g} ms")
+    if p.slo_e2e_p90_s is not None:
+        parts.append(f"E2E {p.slo_e2e_p90_s:g} s")
+    return "p90 " + ", ".join(parts) if parts else "none (throughput only)"
+
+
+def _print_plan(p) -> None:
+    click.echo(
+        f"plan: {p.model}, {p.strategy}, {p.qps:g} queries/s ({p.arrivals}), prompt "
+        f"{p.prompt_tokens_spec}, output {p.output_tokens_spec} per sample"
+    )
+    click.echo(
+        f"  SLO {_slo_text(p)}; max batch {p.max_batch} sequences, {p.chunk_tokens} tokens per "
+        f"pass; ${p.usd_per_gpu_hour:g}/GPU-h, ${p.usd_per_kwh:g}/kWh, "
+        f"{p.carbon_g_per_kwh:g} gCO2/kWh, PUE {p.pue:g}"
+    )
+    header = "  " + " ".join(
+        f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w, _) in enumerate(_COLUMNS)
+    )
+    click.echo(header)
+    for o in p.options:
+        if not o.slo_met:
+            continue
+        cells = [f(o) for _, _, f in _COLUMNS]
+        line = " ".join(
+            f"{c:>{w}}" if i else f"{c:<{w}}"
+            for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS, strict=True))
+        )
+        marks = ("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")
+        click.echo(f"  {line}  {marks}".rstrip())
+    for o in p.options:
+        if not o.slo_met:
+            what = "cannot meet the SLO" if o.fits else "does not fit"
+            click.echo(f"  {o.hw} tp{o.tp}: {what}: {o.reason}")
+    click.echo(
+        "  ($ = cheapest, E = lowest energy; kW, kWh and J at the GPUs, costs and CO2 with PUE)"
+    )
+    r = p.recommended
+    if r is None:
+        click.echo(f"infeasible: {p.reason}")
+    else:
+        click.echo(
+            f"recommended: {r.gpus}x {r.hw} ({r.replicas} "
+            f"{'replica' if r.replicas == 1 else 'replicas'} of tp{r.tp}, "
+            f"batch {r.batch:.0f}, utilisation {r.utilization:.0%}): "
+            f"${r.usd_per_day:,.0f}/day, {r.kwh_per_day:,.1f} kWh/day, "
+            f"{r.j_per_query:,.0f} J ({r.wh_per_query:.3f} Wh) per query, "
+            f"{r.co2_tonnes_per_year:.2f} t CO2/year"
+        )
+    for note in p.notes:
+        click.echo(f"  note: {note}")
+    uncalibrated = [name for name, cal in p.calibrated_profiles.items() if not cal]
+    if uncalibrated:
+        click.echo(
+            f"  note: datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}"
+        )
+
+
+@click.command("plan")
+@click.option(
+    "--hw",
+    default="h100",
+    show_default=True,
+    help="Hardware profiles, comma-separated (h100,h200,a100).",
+)
+@click.option(
+    "--model",
+    "model",
+    default="8b",
+    show_default=True,
+    help="Catalog model, alias or config.json path.",
+)
+@click.option(
+    "--strategy",
+    default="single",
+    show_default=True,
+    help="single, vote<N>, bon<N> or prm-bon<N>.",
+)
+@click.option(
+    "--qps",
+    type=float,
+    default=None,
+    help="Fleet load [queries/s] (required without --trace; with it, rescales the trace).",
+)
+@click.option(
+    "--prompt-tokens",
+    default="512",
+    show_default=True,
+    help="Prompt length: N or a distribution.",
+)
+@click.option(
+    "--output-tokens",
+    default="1024",
+    show_default=True,
+    help="Output length per sample: N, a list (one per sample) or a distribution.",
+)
+@click.option(
+    "--slo-ttft-p90-ms",
+    type=float,
+    default=None,
+    help="Target p90 time to first token [ms].",
+)
+@click.option(
+    "--slo-tpot-p90-ms",
+    type=float,
+    default=None,
+    help="Target p90 time per output token [ms].",
+)
+@click.option(
+    "--slo-e2e-p90-s",
+    type=float,
+    default=None,
+    help="Target p90 end-to-end latency [s].",
+)
+@click.option(
+    "--tp",
+    default="1,2,4,8",
+    show_default=True,
+    help="Tensor-parallel degrees to consider.",
+)
+@click.option(
+    "--max-batch",
+    default=256,
+    show_default=True,
+    type=int,
+    help="Running sequences per replica at most (vLLM max_num_seqs).",
+)
+@click.option(
+    "--chunk-tokens",
+    default=8192,
+    show_default=True,
+    type=int,
+    help="Tokens per forward pass, decode + prefill chunk (vLLM max_num_batched_tokens).",
+)
+@click.option(
+    "--usd-per-gpu-hour",
+    default=2.5,
+    show_default=True,
+    type=float,
+    help="GPU rental or amortisation [USD/GPU-hour].",
+)
+@click.option(
+    "--usd-per-kwh",
+    default=0.12,
+    show_default=True,
+    type=float,
+    help="Electricity price [USD/kWh].",
+)
+@click.option(
+    "--carbon-g-per-kwh",
+    default=400.0,
+    show_default=True,
+    type=float,
+    help="Grid carbon intensity [gCO2/kWh].",
+)
+@click.option(
+    "--pue",
+    default=1.2,
+    show_default=True,
+    type=float,
+    help="Facility power usage effectiveness.",
+)
+@click.option(
+    "--dtype",
+    "weight_dtype",
+    default="bf16",
+    show_default=True,
+    help="Weight dtype: bf16, fp16, fp8, int4.",
+)
+@click.option(
+    "--kv-dtype",
+    default=None,
+    help="KV-cache dtype (default bf16; fp8 with fp8 weights).",
+)
+@click.option(
+    "--prefix-cache/--no-prefix-cache",
+    default=True,
+    show_default=True,
+    help="A query's samples share its prompt's prefill.",
+)
+@click.option(
+    "--reward-model",
+    default=None,
+    help="Reward model for bon<N> (default: the policy model).",
+)
+@click.option(
+    "--trace",
+    "trace",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="CSV of arrival_s[,prompt_tokens,output_tokens] instead of Poisson arrivals.",
+)
+@click.option(
+    "--queries",
+    default=300,
+    show_default=True,
+    type=int,
+    help="Measured queries per simulated load.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of lengths and arrivals.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a PNG of energy per query and cost against QPS.",
+)
+@_friendly
+def plan_cmd(
+    as_json: bool,
+    plot_path: str | None,
+    slo_ttft_p90_ms: float | None,
+    slo_tpot_p90_ms: float | None,
+    slo_e2e_p90_s: float | None,
+    usd_per_gpu_hour: float,
+    usd_per_kwh: float,
+    carbon_g_per_kwh: float,
+    pue: float,
+    **kw,
+) -> None:
+    """Size a deployment: fewest GPUs per hardware and TP meeting every SLO, and their costs."""
+    from ttcsim.errors import TtcsimError
+    from ttcsim.plan import Prices, Slo, plan
+
+    if kw["qps"] is None and kw["trace"] is None:
+        raise TtcsimError("give --qps (or --trace)", "--qps")
+    slo = Slo(
+        ttft_p90_s=None if slo_ttft_p90_ms is None else slo_ttft_p90_ms / 1e3,
+        tpot_p90_s=None if slo_tpot_p90_ms is None else slo_tpot_p90_ms / 1e3,
+        e2e_p90_s=slo_e2e_p90_s,
+    )
+    prices = Prices(usd_per_gpu_hour, usd_per_kwh, carbon_g_per_kwh, pue)
+    result = plan(slo=slo, prices=prices, curves=plot_path is not None, **kw)
+    if plot_path:
+        from ttcsim.plot_plan import plot_plan
+
+        plot_plan(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        _print_plan(result)
+        if plot_path:
+            click.echo(f"  plot: {plot_path}")
+
+
+COMMANDS = [plan_cmd]
