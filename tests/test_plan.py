@@ -70,7 +70,7 @@ def test_decode_run_equals_forward_pass_summed(batch, ctx, n, flop_j):
     want_t, want_e, want_peak = brute_force_decode(c, batch, ctx, n)
     assert float(t[0]) == pytest.approx(want_t, rel=1e-7)  # quadrature: ~1e-8
     assert float(e[0]) == pytest.approx(want_e, rel=1e-7)
-    assert float(peak[0]) == pytest.approx(want_peak, rel=1e-9)
+    assert float(peak[0]) == pytest.approx(want_peak, rel=1e-8)  # bisection: 2**-30
 
 
 def test_stacked_coefficients_broadcast_like_each_option():
