@@ -132,6 +132,11 @@ def _check_positive_int(value, name: str, lo: int = 1, hi: int = 10_000_000) -> 
     return int(value)
 
 
+def _is_number(value) -> bool:
+    """A real number (bool excluded)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def memory_needed_bytes(
     profile: HardwareProfile,
     spec: ModelSpec,
@@ -158,6 +163,30 @@ def memory_needed_bytes(
         + n_queries * samples * spec.vocab_size * 4.0
     )
     return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
+
+
+#: Standard deviations above the expected running batch used to size the KV cache.
+KV_SIZING_SIGMAS = 3.0
+
+
+def kv_sizing_length(lengths, n_sequences: int) -> float:
+    """Output length per sequence to size the KV cache with [tokens].
+
+    Known lengths: the longest.  Random lengths: finished sequences free their
+    cache, so the output KV held at step ``s`` is ``B(s) * s`` with
+    ``B(s) ~ Binomial(n, S(s))``; the cache is sized for the step where
+    ``(E[B] + 3 sd[B]) * s`` peaks, divided by ``n`` (a 99.9 % band, rather than
+    every sequence at the distribution's maximum).
+    """
+    if isinstance(lengths, LengthList):
+        return float(max(lengths.values))
+    if getattr(lengths, "is_fixed", False):
+        return float(lengths.tokens)
+    steps = np.arange(1, max(lengths.upper_bound(), 1) + 1, dtype=float)
+    surv = lengths.survival(steps - 1.0)  # P(L > s - 1): still holding KV at step s
+    n = float(n_sequences)
+    band = n * surv + KV_SIZING_SIGMAS * np.sqrt(n * surv * (1.0 - surv))
+    return float(min(np.max(np.minimum(band, n) * steps) / n, lengths.upper_bound()))
 
 
 def strategy_memory_bytes(
@@ -432,7 +461,7 @@ def _prepare(
     concurrency = _check_positive_int(concurrency, "--concurrency", hi=1_000_000)
     tp = _check_positive_int(tp, "--tp", hi=MAX_TP)
     for name, dt in (("--dtype", weight_dtype), ("--kv-dtype", kv_dtype)):
-        if dt is not None and dt not in DTYPE_BYTES:
+        if (dt is not None or name == "--dtype") and dt not in DTYPE_BYTES:
             raise TtcsimError(f"unknown dtype {dt!r}; valid: {', '.join(DTYPE_BYTES)}", name)
     if weight_dtype == "fp32":
         raise TtcsimError("fp32 weights are not an inference dtype here", "--dtype")
@@ -445,12 +474,13 @@ def _prepare(
     nodes, weights = quadrature_nodes(prompt)
     p_max = int(prompt.tokens) if isinstance(prompt, Fixed) else float(nodes.max())
     max_len = max(lengths.values) if isinstance(lengths, LengthList) else lengths.upper_bound()
+    kv_len = kv_sizing_length(lengths, concurrency * strat.samples_per_query)
     total_ctx = strat.max_context_tokens(p_max, max_len)
     if total_ctx > spec.max_context_tokens:
         raise TtcsimError(
             f"prompt + output = {total_ctx:.0f} tokens exceeds {spec.name}'s context of "
             f"{spec.max_context_tokens}",
-            "--output-tokens",
+            "--prompt-tokens" if p_max >= spec.max_context_tokens else "--output-tokens",
         )
 
     reward_cache: dict = {}
@@ -461,9 +491,13 @@ def _prepare(
                 return _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
             key = (name, tp_k)
             if key not in reward_cache:
-                reward_cache[key] = _coefficients(
-                    profile, get_model(name), weight_dtype, kv_dtype, tp_k
-                )
+                try:
+                    rm_spec = get_model(name)
+                except TtcsimError as exc:  # name the option or spec it came from
+                    where = "--reward-model" if name == reward_model else "--strategy"
+                    text = str(exc).removeprefix("--model: ")
+                    raise TtcsimError(f"reward model: {text}", where) from None
+                reward_cache[key] = _coefficients(profile, rm_spec, weight_dtype, kv_dtype, tp_k)
             return reward_cache[key]
 
         return reward
@@ -476,11 +510,11 @@ def _prepare(
         ck = _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
         if not custom:
             return memory_needed_bytes(
-                profile, spec, ck, p_max, max_len, concurrency, strat.samples_per_query,
+                profile, spec, ck, p_max, kv_len, concurrency, strat.samples_per_query,
                 prefix_cache,
             )
         return strategy_memory_bytes(
-            strat, spec, ck, p_max, max_len, concurrency, prefix_cache, coefficients_for(tp_k)
+            strat, spec, ck, p_max, kv_len, concurrency, prefix_cache, coefficients_for(tp_k)
         )
 
     need = need_for(tp)
@@ -565,12 +599,13 @@ def predict(
     where the strategy has one, else Monte-Carlo means (``expectation``,
     ``energy_j_stderr``); ``*_p50/p90/p99`` come from ``draws`` seeded draws.
     """
-    if not (math.isfinite(pue) and 1.0 <= pue <= 5.0):
-        raise TtcsimError(f"must be in [1, 5], got {pue}", "--pue")
+    if not (_is_number(pue) and math.isfinite(pue) and 1.0 <= pue <= 5.0):
+        raise TtcsimError(f"must be in [1, 5], got {pue!r}", "--pue")
     for name, v in (("--carbon-g-per-kwh", carbon_g_per_kwh), ("--usd-per-kwh", usd_per_kwh)):
-        if v is not None and not (math.isfinite(v) and v >= 0):
+        if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
             raise TtcsimError(f"must be a finite number >= 0, got {v}", name)
     draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
+    seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
         kv_dtype, prefix_cache, reward_model,
@@ -712,6 +747,7 @@ def predict_draws(
     returns one value (its exact cost).
     """
     draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
+    seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
         kv_dtype, prefix_cache, reward_model,

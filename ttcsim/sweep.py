@@ -858,7 +858,27 @@ class _Plan:
     prefix: np.ndarray
     concurrency: np.ndarray
     prompt: np.ndarray
+    lengths: tuple = ()  #: the parsed output-length specs, by index
     expectations: dict = field(default_factory=dict)
+    kv_lengths: dict = field(default_factory=dict)  #: (length index, n) -> KV sizing length
+
+    def kv_length(self, oi: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """:func:`ttcsim.predict.kv_sizing_length` per row (cached per length and batch)."""
+        from ttcsim.predict import kv_sizing_length
+
+        out = self.max_tokens[oi].astype(float)
+        random = self.length_kind[oi] == 1
+        if random.any():
+            keys = np.stack([oi[random], n[random]], axis=1)
+            uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+            vals = np.empty(len(uniq))
+            for j, (o, m) in enumerate(uniq):
+                key = (int(o), int(m))
+                if key not in self.kv_lengths:
+                    self.kv_lengths[key] = kv_sizing_length(self.lengths[int(o)], int(m))
+                vals[j] = self.kv_lengths[key]
+            out[random] = vals[inv.ravel()]
+        return out
 
 
 def _is_vectorised(strategy: Strategy) -> bool:
@@ -909,6 +929,7 @@ class Sweeper:
             prefix=np.array(ax["prefix_cache"], dtype=bool),
             concurrency=np.array(ax["concurrency"], dtype=np.int64),
             prompt=np.array(ax["prompt_tokens"], dtype=np.int64),
+            lengths=tuple(lengths),
         )
         self._group_shape = tuple(len(ax[a]) for a in GROUP_AXES)
         self._inner_shape = tuple(len(ax[a]) for a in INNER_AXES)
@@ -1074,8 +1095,9 @@ class Sweeper:
         # memory and context, as in predict (integer products are exact)
         c, spec = group.c, group.spec
         max_len = plan.max_tokens[oi]
+        kv_len = plan.kv_length(oi, conc * samples)
         prompts_i = conc * np.where(prefix, 1, samples)
-        kv_tokens = (prompts_i * prompt_i + conc * samples * max_len).astype(float)
+        kv_tokens = (prompts_i * prompt_i).astype(float) + (conc * samples).astype(float) * kv_len
         per_token = 4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
         workspace = (conc * prompt_i).astype(float) * per_token * ACTIVATION_BYTES + (
             conc * samples * spec.vocab_size
