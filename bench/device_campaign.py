@@ -61,6 +61,23 @@ CAMPAIGN = [
 ]
 
 
+#: Issue 4 item 5: beam search and sequential revision on the reference decoder.
+#: (id, model, strategy, prompt, output spec, queries, prefix sharing); beam takes
+#: one length per query, refine one per round.
+BEAM_REFINE = [
+    ("1b-beam4-s64-q2", "llama-3.2-1b", "beam4:step=64", 512, "768,1024", 2, True),
+    ("1b-beam4-s64-nocache", "llama-3.2-1b", "beam4:step=64", 512, "1024", 1, False),
+    ("3b-beam2-x4", "llama-3.2-3b", "beam2:expand=4", 1024, "768", 1, True),
+    ("8b-beam4-s64-q2", "llama-3.1-8b", "beam4:step=64", 512, "384,256", 2, True),
+    ("8b-beam3-s32-d12", "llama-3.1-8b", "beam3:step=32,depth=12", 1024, "1000", 1, True),
+    ("1b-refine3", "llama-3.2-1b", "refine3", 512, "384,384,384", 1, True),
+    ("3b-refine2-q4-nocache", "llama-3.2-3b", "refine2:feedback=64", 2048, "256,256", 4, False),
+    ("8b-refine3-last-q4", "llama-3.1-8b", "refine3:history=last", 512, "160,192,128", 4, True),
+]
+
+BIG_IDS = ("32b-single", "32b-vote4", "32b-single-q8")
+
+
 def campaign_specs(only: set[str] | None = None, seed: int = 0) -> list[dict]:
     """The campaign as measure_many() specs, lengths sampled with ``seed``."""
     from ttcsim.distributions import LengthList, parse_lengths
@@ -68,8 +85,9 @@ def campaign_specs(only: set[str] | None = None, seed: int = 0) -> list[dict]:
 
     rng = np.random.default_rng(seed)
     specs = []
-    for run_id, model, strategy, prompt, out, q in CAMPAIGN:
-        n = q * parse_strategy(strategy).samples_per_query
+    entries = [(*e, True) for e in CAMPAIGN] + BEAM_REFINE
+    for run_id, model, strategy, prompt, out, q, sharing in entries:
+        n = q * parse_strategy(strategy).draws_per_query
         lengths = parse_lengths(out)
         if isinstance(lengths, LengthList):
             values = list(lengths.values)
@@ -89,6 +107,8 @@ def campaign_specs(only: set[str] | None = None, seed: int = 0) -> list[dict]:
         )
         if strategy.startswith("bon"):
             spec["reward_model"] = model  # the policy model scores its own candidates
+        if not sharing:
+            spec["prefix_sharing"] = False
         specs.append(spec)
     return specs
 
@@ -113,6 +133,7 @@ def main() -> None:
     ap.add_argument("--skip-selfcheck", action="store_true")
     ap.add_argument("--skip-campaign", action="store_true")
     ap.add_argument("--only", default="")
+    ap.add_argument("--set", choices=("main", "extra", "all"), default="main")
     ap.add_argument("--budget-s", type=float, default=150.0)
     args = ap.parse_args()
     out = Path(args.out)
@@ -144,7 +165,14 @@ def main() -> None:
             from ttcsim.gpu.measure import measure_many
 
             only = {s for s in args.only.split(",") if s} or None
-            measure_many(campaign_specs(only), out / "runs.jsonl")
+            if args.set == "main":
+                only = only or {e[0] for e in CAMPAIGN}
+            elif args.set == "extra":
+                only = only or ({e[0] for e in BEAM_REFINE} | set(BIG_IDS))
+            specs = campaign_specs(only)
+            # the largest model alone first, before other models fill the memory
+            specs.sort(key=lambda sp: sp["id"] not in BIG_IDS)
+            measure_many(specs, out / "runs.jsonl")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ttcsim.calibration.checks import check_window
 from ttcsim.calibration.fit import FitReport, fit_windows
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile, profile_name_for_gpu
@@ -106,18 +107,19 @@ def read_windows(trace_dir: str | Path) -> list[dict]:
     path = Path(trace_dir) / "phases.jsonl"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise TtcsimError(f"cannot read windows: {exc}", str(path)) from None
     windows = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            windows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, deep nesting
             if i == len(lines):  # interrupted while writing the last window
                 break
             raise TtcsimError("invalid JSON", f"{path}:{i}") from None
+        windows.append(check_window(row, f"{path}:{i}"))
     return windows
 
 
@@ -141,7 +143,7 @@ def refit_from_trace_dir(
     trace_dir = Path(trace_dir)
     windows = read_windows(trace_dir)
     runs_path = trace_dir / "calibration_runs.jsonl"
-    runs = read_runs(runs_path) if runs_path.exists() else []
+    runs = read_runs(runs_path, recording=True) if runs_path.exists() else []
     if runs and runs[0].model_extra:
         extra = runs[0].model_extra
         gpu_name = gpu_name or extra.get("gpu_name")
@@ -199,7 +201,7 @@ def measure_one(
     from ttcsim.strategies import parse_strategy
 
     strat = parse_strategy(strategy, reward_model)
-    n = concurrency * strat.samples_per_query
+    n = concurrency * strat.draws_per_query
     lengths = parse_lengths(output_tokens)
     if isinstance(lengths, LengthList):
         values = [int(v) for v in lengths.values]
