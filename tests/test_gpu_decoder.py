@@ -206,8 +206,9 @@ def test_reward_scoring_and_timings():
         t.prefill_time_s + t.decode_time_s + t.score_time_s, abs=1e-3
     )
     assert t.score_time_s > 0
-    with pytest.raises(TtcsimError, match="no KV cache"):
-        rew.ensure_capacity(1, 1, 1, 1)
+    assert (t.start_s, t.end_s) == (t.prefill_start_s, t.score_end_s)
+    assert [p.phase for p in t.passes] == ["prefill"] + ["decode"] * 3 + ["score"]
+    assert t.count("decode") == t.decode_steps == 5
 
 
 def test_run_workload_validates():
@@ -321,7 +322,9 @@ def test_measure_run_bon_and_errors(fake_nvml):
     with pytest.raises(TtcsimError, match="needs a reward model"):
         measure_run(TINY, "bon2", 8, 3, 1, idle_power_w=50.0, torch_device="cpu")
     with pytest.raises(TtcsimError, match="unknown strategy"):
-        measure_run(TINY, "beam4", 8, 3, 1, idle_power_w=50.0, torch_device="cpu")
+        measure_run(TINY, "prm-bon4", 8, 3, 1, idle_power_w=50.0, torch_device="cpu")
+    with pytest.raises(TtcsimError, match="unknown strategy"):
+        measure_run(TINY, "beam", 8, 3, 1, idle_power_w=50.0, torch_device="cpu")
 
 
 def test_measure_idle_power(fake_nvml):

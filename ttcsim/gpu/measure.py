@@ -1,7 +1,10 @@
 """Measured energy of real workload runs (reference decoder + NVML energy counter).
 
 A run serves ``concurrent_queries`` queries with one strategy (``single``,
-``vote<N>``: N samples, ``bon<N>``: N samples scored by a reward model) once
+``vote<N>``: N samples, ``bon<N>``: N samples scored by a reward model,
+``beam<W>[:step=T,depth=D,expand=M,rm=MODEL]``: step-level beam search with
+a verifier, ``refine<K>[:feedback=F,history=all|last]``: K revision rounds;
+:func:`ttcsim.gpu.decoder.run_workload` says exactly what each runs) once
 as a warm-up (CUDA-graph capture, Triton compilation, cuBLAS heuristics),
 then ``k`` times back to back until the window lasts at least
 ``min_window_s``.  The energy counter is polled by a
@@ -18,6 +21,13 @@ energy is the whole board's, idle power included; ``idle_power_w`` is
 recorded beside it (measured over a quiet window, or passed in) so that the
 fit can subtract it.  Runs are not cooled down in between: back-to-back runs
 keep a similar (warm) thermal state.
+
+Records carry the strategy as its canonical spec string
+(:attr:`ttcsim.strategies.Strategy.spec`) and ``output_tokens`` as the
+analytical model reads them (:attr:`~ttcsim.strategies.Strategy.draws_per_query`
+per query: one per sample, one per query for beam, one per round for
+refine), so that :func:`ttcsim.calibration.validate.predict_record` predicts
+the same workload.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -35,9 +44,12 @@ from typing import Any
 from ttcsim.errors import TtcsimError
 from ttcsim.gpu.decoder import (
     DTYPE_NAME,
+    SUPPORTED_STRATEGIES,
     ReferenceDecoder,
     WorkloadTiming,
+    beam_cache_tokens,
     kv_cache_bytes,
+    refine_cache_tokens,
     run_workload,
     weight_bytes,
 )
@@ -79,35 +91,53 @@ SPEC_KEYS = {
     "prefix_sharing",
     "min_window_s",
 }
-_STRATEGY = re.compile(r"^(single|vote(\d+)|bon(\d+))$")
 
 
-def parse_strategy(strategy: str) -> tuple[str, int]:
-    """Split a strategy name: ``"single"`` -> ``("single", 1)``, ``"vote8"`` -> ``("vote", 8)``."""
-    m = _STRATEGY.match(strategy.strip().lower())
-    if not m:
+def resolve_strategy(strategy: Any, reward_model: str | None = None) -> Any:
+    """Parse a strategy spec the reference decoder can run (:data:`SUPPORTED_STRATEGIES`).
+
+    ``reward_model`` (a name) is the default reward model / verifier of
+    ``bon``/``beam`` (a ``rm=`` in the spec wins).  Returns the
+    :class:`~ttcsim.strategies.Strategy`.
+    """
+    from ttcsim.strategies import Beam, BestOfN, Refine, Single, Vote, parse_strategy
+
+    try:
+        strat = parse_strategy(strategy, reward_model=reward_model)
+    except TtcsimError as exc:
+        raise TtcsimError(f"unknown strategy {strategy!r}: {exc}", "strategy") from None
+    if not isinstance(strat, (Single, Vote, BestOfN, Beam, Refine)):
         raise TtcsimError(
-            f"unknown strategy {strategy!r}; valid: single, vote<N>, bon<N>", "strategy"
+            f"unknown strategy {strategy!r} for the reference decoder; valid: "
+            + ", ".join(SUPPORTED_STRATEGIES),
+            "strategy",
         )
-    if m.group(1) == "single":
-        return "single", 1
-    kind = "vote" if m.group(2) else "bon"
-    n = int(m.group(2) or m.group(3))
-    if n < 1:
-        raise TtcsimError(f"{strategy}: N must be >= 1", "strategy")
-    return kind, n
+    return strat
 
 
-def _outputs(output_tokens: int | Sequence[int], n_seq: int) -> list[int]:
+def _verifier_name(strat: Any) -> str | None:
+    """The reward model / verifier a strategy names (bon, beam), else None."""
+    return getattr(strat, "reward_model", None)
+
+
+def _outputs(output_tokens: int | Sequence[int], n_queries: int, per_query: int) -> list[int]:
+    """Lengths as a full query-major list of ``n_queries x per_query`` ints >= 1.
+
+    Accepts one int, or a list of 1, ``per_query`` (the same for every query)
+    or ``n_queries x per_query`` lengths, as :func:`ttcsim.predict.predict` does.
+    """
+    n = n_queries * per_query
     outs = (
-        [int(output_tokens)] * n_seq
-        if isinstance(output_tokens, int)
-        else [int(o) for o in output_tokens]
+        [int(output_tokens)] if isinstance(output_tokens, int) else [int(o) for o in output_tokens]
     )
-    if len(outs) != n_seq or min(outs) < 1:
+    if len(outs) == 1:
+        outs = outs * n
+    elif len(outs) == per_query:
+        outs = outs * n_queries
+    if len(outs) != n or not outs or min(outs) < 1:
         raise TtcsimError(
-            f"output_tokens must be one int or {n_seq} ints >= 1 (concurrent_queries x samples); "
-            f"got {len(outs)}",
+            f"output_tokens must be one int or {n} ints >= 1 (concurrent_queries x {per_query} "
+            f"per query) or {per_query}; got {len(outs)}",
             "output_tokens",
         )
     return outs
@@ -157,7 +187,7 @@ def _measure(
     rew: ReferenceDecoder | None,
     nvml: NvmlDevice,
     *,
-    strategy: str,
+    strategy: Any,
     prompt_tokens: int,
     output_tokens: int | Sequence[int],
     concurrent_queries: int,
@@ -167,16 +197,18 @@ def _measure(
     run_id: str | None,
     reward_name: str | None,
 ) -> dict[str, Any]:
-    kind, n = parse_strategy(strategy)
-    if kind == "bon" and rew is None:
-        raise TtcsimError(f"{strategy} needs a reward model", "reward_model")
-    if kind != "bon" and rew is not None:
-        raise TtcsimError(f"{strategy} takes no reward model", "reward_model")
-    outs = _outputs(output_tokens, concurrent_queries * n)
+    from ttcsim.strategies import Beam, BestOfN
+
+    strat = resolve_strategy(strategy, reward_name)
+    if isinstance(strat, BestOfN) and rew is None:
+        raise TtcsimError(f"{strat.spec} needs a reward model", "reward_model")
+    if not isinstance(strat, (BestOfN, Beam)) and rew is not None:
+        raise TtcsimError(f"{strat.spec} takes no reward model", "reward_model")
+    outs = _outputs(output_tokens, concurrent_queries, strat.draws_per_query)
     kw = dict(
+        strategy=strat,
         prompt_tokens=prompt_tokens,
         output_tokens=outs,
-        samples_per_query=n,
         concurrent_queries=concurrent_queries,
         prefix_sharing=prefix_sharing,
         reward_spec=rew,
@@ -195,7 +227,7 @@ def _measure(
     k = len(timings)
     # sum over the repeats' own [start, end] spans: excludes the few host-side
     # microseconds between repeats, so energy_j and latency_s cover the same time
-    energy = sum(sampler.energy_between(t.prefill_start_s, t.score_end_s) for t in timings) / k
+    energy = sum(sampler.energy_between(t.start_s, t.end_s) for t in timings) / k
 
     def mean(attr: str) -> float:
         return sum(getattr(t, attr) for t in timings) / k
@@ -203,13 +235,13 @@ def _measure(
     model = dec.spec.name
     return {
         "id": run_id
-        or f"{model}-{strategy}-p{prompt_tokens}-q{concurrent_queries}-{int(time.time())}",
+        or f"{model}-{strat.spec}-p{prompt_tokens}-q{concurrent_queries}-{int(time.time())}",
         "hw": nvml.name.lower(),
         "model": model,
         "dtype": DTYPE_NAME,
         "prompt_tokens": int(prompt_tokens),
         "concurrent_queries": int(concurrent_queries),
-        "strategy": strategy,
+        "strategy": strat.spec,
         "output_tokens": outs,
         "reward_model": reward_name,
         "prefix_sharing": bool(prefix_sharing),
@@ -250,16 +282,26 @@ def measure_run(
     spec_name_or_spec : str or ModelSpec
         Catalog name, ``config.json`` path or spec.
     strategy : str
-        ``"single"``, ``"vote<N>"`` or ``"bon<N>"``.
+        ``"single"``, ``"vote<N>"``, ``"bon<N>"``, ``"beam<W>[:...]"`` or
+        ``"refine<K>[:...]"`` (options as :func:`ttcsim.strategies.parse_strategy`
+        reads them, e.g. ``"beam4:step=64,depth=8"``); the record holds its
+        canonical spec.
     prompt_tokens : int
         Prompt length [tokens].
     output_tokens : int or list of int
-        Tokens generated per sequence: one int for all, or
-        ``concurrent_queries x N`` ints (query-major).
+        Lengths the strategy reads, query-major: per sample (single, vote,
+        bon), per query (beam: ``depth = ceil(L / step)``), per round
+        (refine).  One int for all, the lengths of one query, or all of them.
     concurrent_queries : int
         Queries served together.
     reward_model : str or ModelSpec, optional
-        Reward model of ``bon<N>``.
+        Reward model of ``bon<N>``; verifier of ``beam<W>`` (default: the
+        spec's ``rm=``, else the policy's weights with a cache of their own).
+    prefix_sharing : bool
+        Prefix caching: the prompt is prefilled once per query and shared
+        (vote/bon); the verifier of beam reads the cached prefix and
+        prefills only each new step; refine prefills only each round's new
+        tokens.
     min_window_s : float
         Shortest measured window [s]; the workload repeats until it is reached.
     idle_power_w : float, optional
@@ -278,7 +320,7 @@ def measure_run(
     from ttcsim.models import get_model
 
     spec = get_model(spec_name_or_spec)
-    rspec = get_model(reward_model) if reward_model is not None else None
+    rspec = _reward_spec(strategy, reward_model)
     tdev = _torch_device(device_index, torch_device)
     with NvmlDevice(device_index) as nvml:
         idle = measure_idle_power(nvml) if idle_power_w is None else idle_power_w
@@ -300,15 +342,45 @@ def measure_run(
         )
 
 
-def _cache_need_bytes(spec: Any, run: dict[str, Any]) -> float:
-    _, n = parse_strategy(run["strategy"])
+def _reward_spec(strategy: Any, reward_model: Any) -> Any:
+    """The reward model / verifier spec of a run: ``reward_model`` or the strategy's ``rm=``.
+
+    Checks that the two agree when both are given.
+    """
+    from ttcsim.models import get_model
+
+    rspec = get_model(reward_model) if reward_model is not None else None
+    strat = resolve_strategy(strategy, rspec.name if rspec is not None else None)
+    named = _verifier_name(strat)
+    if rspec is None and named is not None:
+        rspec = get_model(named)
+    elif rspec is not None and named is not None and named != rspec.name:
+        raise TtcsimError(
+            f"reward_model {rspec.name!r} contradicts the strategy's rm={named}", "reward_model"
+        )
+    return rspec
+
+
+def _cache_need_bytes(spec: Any, run: dict[str, Any], rspec: Any = None) -> float:
+    """KV-cache bytes one run allocates (policy, and the beam verifier's cache) [B]."""
+    from ttcsim.strategies import Beam, Refine
+
+    strat = resolve_strategy(run["strategy"])
     q = int(run["concurrent_queries"])
-    outs = run["output_tokens"]
-    o_max = outs if isinstance(outs, int) else max(outs)
-    prompts = q if run.get("prefix_sharing", True) else q * n
-    return kv_cache_bytes(spec, prompts, int(run["prompt_tokens"])) + kv_cache_bytes(
-        spec, q * n, o_max
-    )
+    p = int(run["prompt_tokens"])
+    sharing = run.get("prefix_sharing", True)
+    outs = _outputs(run["output_tokens"], q, strat.draws_per_query)
+    if isinstance(strat, Beam):
+        n_cand, positions = q * strat.candidates, beam_cache_tokens(strat, p, outs)
+        pool = kv_cache_bytes(spec, n_cand, positions)
+        verifier = kv_cache_bytes(rspec or spec, n_cand, positions) if sharing else 0.0
+        return pool + verifier
+    if isinstance(strat, Refine):
+        prompt_cap, gen_cap = refine_cache_tokens(strat, p, outs, sharing)
+        return kv_cache_bytes(spec, q, prompt_cap) + kv_cache_bytes(spec, q, gen_cap)
+    n = strat.samples_per_query
+    prompts = q if sharing else q * n
+    return kv_cache_bytes(spec, prompts, p) + kv_cache_bytes(spec, q * n, max(outs))
 
 
 def _note(progress: bool, text: str) -> None:
@@ -354,7 +426,7 @@ def measure_many(
             raise TtcsimError(
                 f"run {i}: unknown keys {sorted(unknown)}, missing {sorted(missing)}", "specs"
             )
-        parse_strategy(r["strategy"])
+        r["_rspec"] = _reward_spec(r["strategy"], r.get("reward_model"))
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
     tdev = _torch_device(device_index, torch_device)
@@ -373,7 +445,7 @@ def measure_many(
         _note(progress, f"idle power {idle:.1f} W on {nvml.name}; {len(runs)} runs")
         for name, idx in groups.items():
             spec = model_specs[name]
-            idx.sort(key=lambda i: -_cache_need_bytes(spec, runs[i]))
+            idx.sort(key=lambda i: -_cache_need_bytes(spec, runs[i], runs[i]["_rspec"]))
             dec = None
             try:
                 free = torch.cuda.mem_get_info(torch.device(tdev))[0] if cuda else math.inf
@@ -394,17 +466,18 @@ def measure_many(
                     f"[{done}/{len(runs)}] {name} {r['strategy']} p={r['prompt_tokens']} "
                     f"q={r['concurrent_queries']}"
                 )
+                rew = None
                 try:
-                    rew = None
-                    if r.get("reward_model"):
-                        rspec = get_model(r["reward_model"])
+                    rspec = r["_rspec"]
+                    if rspec is not None:
                         if rspec.name not in rewards:
                             rewards[rspec.name] = ReferenceDecoder(rspec, tdev, score_only=True)
                         rew = rewards[rspec.name]
                     if cuda:
                         free = torch.cuda.mem_get_info(torch.device(tdev))[0]
-                        need = _cache_need_bytes(spec, r)
-                        if need > 0.9 * free + _held_cache_bytes(dec):
+                        need = _cache_need_bytes(spec, r, rspec)
+                        held = dec.cache_bytes + (rew.cache_bytes if rew is not None else 0.0)
+                        if need > 0.9 * free + held:
                             raise MemoryError(
                                 f"KV cache {need / 1e9:.1f} GB > free {free / 1e9:.1f} GB"
                             )
@@ -424,6 +497,8 @@ def measure_many(
                     )
                 except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
                     dec.release_cache()
+                    if rew is not None:
+                        rew.release_cache()
                     _note(progress, f"{label}: skipped, does not fit ({str(exc).splitlines()[0]})")
                     continue
                 with out.open("a", encoding="utf-8") as f:
@@ -440,10 +515,3 @@ def measure_many(
             if cuda:
                 torch.cuda.empty_cache()
     return records
-
-
-def _held_cache_bytes(dec: ReferenceDecoder) -> float:
-    """Bytes of the KV caches ``dec`` already holds (reused by the next run)."""
-    return float(
-        sum(t.numel() * t.element_size() for t in (dec.kp, dec.vp, dec.kg, dec.vg) if t is not None)
-    )
