@@ -1931,7 +1931,7 @@ def decoder_self_check(device: str = "cuda", verbose: bool = True) -> dict[str, 
     # 1. attention kernel
     if triton_available() and dev.type == "cuda":
         for hq, hkv, d in ((32, 8, 128), (28, 4, 128), (16, 16, 64), (40, 8, 128)):
-            b, tp, tg = 6, 700, 300
+            b, tp, tg = 6, 700, 320  # 6 x 320 tokens = 120 blocks of 16 for the paged case
             kp, vp, kg, vg = (
                 rnd(3, tp, hkv, d),
                 rnd(3, tp, hkv, d),
