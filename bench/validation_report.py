@@ -2,8 +2,9 @@
 
 Usage::
 
-    python bench/validation_report.py --runs validation/h100/runs.jsonl \
-        --profile ttcsim/hardware_profiles/h100-sxm-80gb.yaml [--markdown]
+    python bench/validation_report.py \
+        --runs validation/h100-a/runs.jsonl validation/h100-c/runs.jsonl \
+        --profile ttcsim/hardware_profiles/h100-sxm-80gb.yaml
 
 Protocol (fixed before any run was measured):
 
@@ -68,11 +69,11 @@ def summary_line(rows, label):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True)
+    ap.add_argument("--runs", required=True, nargs="+", help="one or more run-record files")
     ap.add_argument("--profile", required=True)
     ap.add_argument("--fitted-out", default=None, help="write the run-fitted profile here")
     args = ap.parse_args()
-    runs = read_runs(args.runs)
+    runs = [r for path in args.runs for r in read_runs(path)]
     profile = load_profile_file(args.profile)
     zero = [compare_run(r, profile) for r in runs]
     fit_set = [r for r in runs if r.id in FIT_IDS]
