@@ -300,6 +300,17 @@ def _parallel_prefill(w: Workload, samples: int) -> PhaseCost:
     return prefill_phase(w.policy, w.concurrency * copies, w.prompt_tokens)
 
 
+def _sampling_phases(w: Workload, n: int) -> list[PhaseCost]:
+    """Prefill of the prompt (shared by the ``n`` samples with prefix caching) and
+    the decode of ``Q * n`` samples in one shrinking batch."""
+    return [
+        _parallel_prefill(w, n),
+        decode_phase(
+            w.policy, w.prompt_tokens, w.lengths, w.concurrency, n, shared_prefix=w.prefix_cache
+        ),
+    ]
+
+
 @register
 @dataclass(frozen=True)
 class Single(Strategy):
@@ -346,17 +357,7 @@ class Vote(Strategy):
         return f"vote{self.n}"
 
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
-        return [
-            _parallel_prefill(w, self.n),
-            decode_phase(
-                w.policy,
-                w.prompt_tokens,
-                w.lengths,
-                w.concurrency,
-                self.n,
-                shared_prefix=w.prefix_cache,
-            ),
-        ]
+        return _sampling_phases(w, self.n)
 
 
 @register
@@ -390,15 +391,7 @@ class BestOfN(Strategy):
 
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
         return [
-            _parallel_prefill(w, self.n),
-            decode_phase(
-                w.policy,
-                w.prompt_tokens,
-                w.lengths,
-                w.concurrency,
-                self.n,
-                shared_prefix=w.prefix_cache,
-            ),
+            *_sampling_phases(w, self.n),
             score_phase(
                 w.reward(self.reward_model), w.prompt_tokens, w.lengths, w.concurrency, self.n
             ),
@@ -448,17 +441,7 @@ class ProcessBestOfN(Strategy):
     def phases(self, w: Workload) -> list[PhaseCost]:  # noqa: D102
         rm = w.reward(self.reward_model)
         L, _ = _length_matrix(w.lengths, w.concurrency, self.n)
-        out = [
-            _parallel_prefill(w, self.n),
-            decode_phase(
-                w.policy,
-                w.prompt_tokens,
-                w.lengths,
-                w.concurrency,
-                self.n,
-                shared_prefix=w.prefix_cache,
-            ),
-        ]
+        out = _sampling_phases(w, self.n)
         scored = [
             stepwise_score_phase(rm, w.prompt_tokens, L, self.step_tokens, self.n, w.prefix_cache)
         ]
