@@ -301,8 +301,10 @@ def _parallel_prefill(w: Workload, samples: int) -> PhaseCost:
 
 
 def _sampling_phases(w: Workload, n: int) -> list[PhaseCost]:
-    """Prefill of the prompt (shared by the ``n`` samples with prefix caching) and
-    the decode of ``Q * n`` samples in one shrinking batch."""
+    """Prompt prefill and the decode of ``Q * n`` samples in one shrinking batch.
+
+    With prefix caching the ``n`` samples share the prompt's prefill and KV.
+    """
     return [
         _parallel_prefill(w, n),
         decode_phase(
