@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -304,6 +305,8 @@ def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, out_path, 
 
     if bool(runs_path) == bool(log_path):
         raise TtcsimError("give either --runs, or --log with --trace and/or --energy")
+    if not (math.isfinite(prior_weight) and prior_weight >= 0):
+        raise TtcsimError(f"must be a finite number >= 0, got {prior_weight}", "--prior-weight")
     if not force and Path(out_path).exists():
         raise TtcsimError("exists; pass --force to overwrite", out_path)
     if runs_path:
@@ -311,7 +314,7 @@ def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, out_path, 
     else:
         runs = runs_from_trace(log_path, trace_csv, energy_jsonl)
     names = [p.strip() for p in params.split(",")] if params else None
-    profile, report = fit_runs(runs, get_profile(base), names, prior_weight)
+    profile, report = fit_runs(runs, get_profile(base, where="--base"), names, prior_weight)
     atomic_write_text(out_path, profile.to_yaml(), overwrite=force)
     click.echo(f"fitted {len(runs)} runs -> {out_path}")
     for k, v in report.parameters_after.items():

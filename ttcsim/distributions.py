@@ -129,14 +129,15 @@ class Continuous(LengthDistribution):
         s = np.asarray(s, dtype=float)
         below = 1.0 - self.frozen_dist.cdf(self.lo - 1)  # mass kept above lo-1 (truncation)
         p = np.where(s < self.lo, 1.0, self.frozen_dist.sf(s) / max(below, 1e-300))
-        if self.hi is not None:
-            p = np.where(s >= self.hi, 0.0, p)
+        # without max= the cap is ABSOLUTE_MAX_TOKENS, as in sample()
+        p = np.where(s >= (self.hi if self.hi is not None else ABSOLUTE_MAX_TOKENS), 0.0, p)
         return np.clip(p, 0.0, 1.0)
 
     def upper_bound(self):  # noqa: D102
         if self.hi is not None:
             return self.hi
-        q = self.frozen_dist.isf(TAIL_PROBABILITY)
+        with np.errstate(over="ignore"):  # a huge scale overflows isf to inf
+            q = min(float(self.frozen_dist.isf(TAIL_PROBABILITY)), ABSOLUTE_MAX_TOKENS)
         return int(min(max(math.ceil(q), self.lo), ABSOLUTE_MAX_TOKENS))
 
     def sample(self, rng, size):  # noqa: D102
@@ -407,6 +408,8 @@ def parse_lengths(
     if hi is not None and hi < lo:
         raise TtcsimError(f"max={hi} is below min={lo}", where)
     out = Continuous(spec=text, frozen_dist=dist, lo=lo, hi=hi)
+    if not dist.sf(lo - 1) > 0:  # min= truncates to a region without mass (also with max=)
+        raise TtcsimError(f"distribution has no mass at lengths >= {lo}", where)
     if out.survival(np.array([float(lo)]))[0] <= 0 and hi is None:
         raise TtcsimError("distribution has no mass at positive lengths", where)
     return out
@@ -429,8 +432,9 @@ def _parse_mixture(body: str, text: str, where: str) -> Mixture:
             raise TtcsimError("a mixture part must be a distribution, not a list", where)
         weights.append(weight)
         parts.append(part)
-    total = sum(weights)
-    return Mixture(tuple(w / total for w in weights), tuple(parts), label=text)
+    top = max(weights)  # scale first: a sum of huge weights overflows to inf
+    total = sum(w / top for w in weights)
+    return Mixture(tuple(w / top / total for w in weights), tuple(parts), label=text)
 
 
 def _parse_empirical(body: str, where: str) -> Empirical:

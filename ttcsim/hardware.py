@@ -26,8 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ttcsim.errors import TtcsimError, UnknownNameError
+from ttcsim.io import load_yaml
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+#: Unknown keys, mutation and NaN/inf are all refused.
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 #: Compute dtypes a profile may list peak FLOP/s for.
 COMPUTE_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
@@ -200,6 +202,15 @@ class HardwareProfile(BaseModel):
             raise ValueError(f"idle_power_w {p.idle_power_w} must be below power_limit_w {limit}")
         if p.idle_power_w + p.active_power_w >= limit:
             raise ValueError("idle_power_w + active_power_w must be below power_limit_w")
+        # the throttle slows compute, never memory traffic: streaming at the datasheet
+        # bandwidth must fit under the limit, or predicted power could exceed it
+        memory_w = p.hbm_energy_j_per_byte * self.datasheet.hbm_bandwidth_bytes_per_s
+        if p.idle_power_w + p.active_power_w + memory_w > limit:
+            raise ValueError(
+                f"idle_power_w + active_power_w + hbm_energy_j_per_byte x hbm_bandwidth "
+                f"= {p.idle_power_w + p.active_power_w + memory_w:.0f} W exceeds "
+                f"power_limit_w {limit:g} W"
+            )
         required = {
             "memory_capacity_bytes",
             "hbm_bandwidth_bytes_per_s",
@@ -223,9 +234,34 @@ class HardwareProfile(BaseModel):
         prov = self.provenance.model_copy(update={"parameters": info})
         return self.model_copy(update={"parameters": parameters, "provenance": prov})
 
+    def checked(self) -> HardwareProfile:
+        """Re-run every validation (a copy made with ``model_copy`` skips them).
+
+        Raises :class:`~ttcsim.errors.TtcsimError` naming the first bad field.
+        """
+        try:
+            return HardwareProfile.model_validate(self.model_dump())
+        except ValidationError as exc:
+            raise TtcsimError(f"invalid profile: {_first_error(exc)}", self.name) from None
+
     def to_yaml(self) -> str:
-        """Serialise to the YAML layout the loader reads."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=100)
+        """Serialise to the YAML layout the loader reads (after :meth:`checked`).
+
+        A profile that would not load back is never written.
+        """
+        data = self.checked().model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``loc: message (got value)`` of a pydantic error, on one line."""
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "profile"
+    msg = err["msg"]
+    got = err.get("input")
+    if got is None or isinstance(got, (bool, int, float, str)):
+        msg += f" (got {got!r})" if err["type"] != "missing" else ""
+    return f"{loc}: {msg}"
 
 
 def _profile_dir() -> Path:
@@ -259,19 +295,20 @@ def load_profile_file(path: str | Path) -> HardwareProfile:
     except (OSError, UnicodeDecodeError) as exc:
         raise TtcsimError(f"cannot read profile: {exc}", str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TtcsimError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where) from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise TtcsimError(f"invalid YAML ({problem})", where) from None
+    except RecursionError:
+        raise TtcsimError("invalid YAML (nested too deeply)", str(path)) from None
     if not isinstance(data, dict):
         raise TtcsimError("a profile must be a YAML mapping", str(path))
     try:
         profile = HardwareProfile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "profile"
-        raise TtcsimError(f"{loc}: {err['msg']}", str(path)) from None
+        raise TtcsimError(_first_error(exc), str(path)) from None
     if path.parent == _profile_dir() and profile.name != path.stem:
         raise TtcsimError(f"name {profile.name!r} differs from the file name", str(path))
     return profile
@@ -282,10 +319,13 @@ def _load_builtin(name: str) -> HardwareProfile:
     return load_profile_file(_builtin_files()[name])
 
 
-def get_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
+def get_profile(
+    name_or_path: str | Path | HardwareProfile, where: str = "--hw"
+) -> HardwareProfile:
     """Resolve a profile by name, alias or YAML path.
 
-    Raises :class:`~ttcsim.errors.UnknownNameError` listing the valid names.
+    Raises :class:`~ttcsim.errors.UnknownNameError` listing the valid names,
+    naming the option ``where``.
     """
     if isinstance(name_or_path, HardwareProfile):
         return name_or_path
@@ -297,7 +337,7 @@ def get_profile(name_or_path: str | Path | HardwareProfile) -> HardwareProfile:
     key = _builtin_aliases().get(key, key)
     if key not in files:
         valid = list(files) + sorted(_builtin_aliases())
-        raise UnknownNameError("hardware", str(name_or_path), valid, "--hw")
+        raise UnknownNameError("hardware", str(name_or_path), valid, where)
     return _load_builtin(key)
 
 

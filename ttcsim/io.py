@@ -1,4 +1,14 @@
-"""File output helpers: atomic writes so no file is ever left half-written."""
+"""File input/output helpers.
+
+* Atomic writes, so no file is ever left half-written: the text goes to a
+  temporary file in the target's folder, is flushed to disk, and replaces the
+  target with one ``os.replace`` (a reader sees the old file or the new one,
+  never a mixture).  The new file gets the usual permissions (``0666`` less
+  the umask, or the replaced file's mode), not ``mkstemp``'s ``0600``.
+* :func:`load_yaml`: ``yaml.safe_load`` that refuses a mapping with the same
+  key twice (plain PyYAML silently keeps the last one, so a duplicated
+  ``idle_power_w:`` line would change a number without a word).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +16,79 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from ttcsim.errors import TtcsimError
 
 
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``.
+def _new_file_mode(path: Path) -> int:
+    """Mode for ``path``: the replaced file's, else ``0666`` less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
-    With ``overwrite=False`` an existing file is an error (use ``--force``).
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
+
+    With ``overwrite=False`` an existing file is an error (use ``--force``).  A
+    folder that cannot be created or written is a :class:`TtcsimError` naming
+    ``path``; on any failure the temp file is removed and ``path`` is untouched.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise TtcsimError("exists; pass --force to overwrite", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise TtcsimError(f"cannot write: {exc.strerror or exc}", str(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate keys in a mapping."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D102
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: let PyYAML report it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load(text)``, but a mapping with a duplicate key is a ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass

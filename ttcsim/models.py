@@ -86,12 +86,29 @@ def list_models() -> list[ModelSpec]:
 
 
 def _int(cfg: dict, *keys: str, default: int | None = None) -> int:
+    """The first of ``keys`` present, as a whole number (``4096.0`` passes, ``4096.7`` not)."""
     for k in keys:
-        if cfg.get(k) is not None:
-            return int(cfg[k])
+        v = cfg.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            isinstance(v, float) and not v.is_integer()
+        ):
+            raise ValueError(f"{k} must be a whole number, got {v!r}")
+        return int(v)
     if default is None:
         raise KeyError(keys[0])
     return default
+
+
+def _bool(cfg: dict, key: str, default: bool) -> bool:
+    """A JSON boolean (the string ``"false"`` is not silently true)."""
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
 
 
 def spec_from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
@@ -105,6 +122,8 @@ def spec_from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
         cfg = {**cfg, **cfg["text_config"]}
     hidden = _int(cfg, "hidden_size", "n_embd", "d_model")
     n_heads = _int(cfg, "num_attention_heads", "n_head")
+    if n_heads < 1:
+        raise ValueError(f"num_attention_heads must be >= 1, got {n_heads}")
     n_experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
     return ModelSpec(
         name=name,
@@ -116,8 +135,8 @@ def spec_from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
         head_dim=_int(cfg, "head_dim", default=hidden // n_heads),
         intermediate_size=_int(cfg, "intermediate_size", "ffn_dim", default=4 * hidden),
         vocab_size=_int(cfg, "vocab_size"),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
+        attention_bias=_bool(cfg, "attention_bias", cfg.get("model_type") == "qwen2"),
         n_experts=n_experts,
         n_active_experts=_int(cfg, "num_experts_per_tok", default=0) if n_experts else 0,
         moe_intermediate_size=cfg.get("moe_intermediate_size"),
@@ -136,6 +155,8 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         raise TtcsimError(f"cannot read config: {exc}", str(path)) from None
     except json.JSONDecodeError as exc:
         raise TtcsimError(f"invalid JSON ({exc.msg})", f"{path}:{exc.lineno}") from None
+    except (ValueError, RecursionError) as exc:  # 5000-digit numbers, 100000-deep nesting
+        raise TtcsimError(f"invalid JSON ({exc})", str(path)) from None
     if not isinstance(cfg, dict):
         raise TtcsimError("config.json must hold a JSON object", str(path))
     try:
@@ -143,7 +164,11 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     except KeyError as exc:
         raise TtcsimError(f"missing key {exc.args[0]!r}", str(path)) from None
     except (ValidationError, TypeError, ValueError) as exc:
-        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        if isinstance(exc, ValidationError):
+            err = exc.errors()[0]
+            msg = f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}"
+        else:
+            msg = str(exc)
         raise TtcsimError(f"unusable config: {msg}", str(path)) from None
 
 

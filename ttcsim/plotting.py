@@ -76,10 +76,7 @@ def plot_curve(
     fixed = [f"{k} {frame[k].iloc[0]}" for k in keys if k not in varying and len(frame)]
     fig.suptitle(title or ("ttcsim operating curve" + (": " + ", ".join(fixed) if fixed else "")))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_energy_histogram(samples, path: str | Path, title: str | None = None) -> Path:
@@ -123,7 +120,23 @@ def plot_energy_histogram(samples, path: str | Path, title: str | None = None) -
     bottom.set_xlabel("energy per query [J]")
     fig.suptitle(title or "per-query energy distribution (Monte Carlo)")
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / fig.get_figheight()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Render in the format of ``path``'s suffix (PNG without one); replace ``path`` atomically."""
+    import io
+
+    from ttcsim.errors import TtcsimError
+    from ttcsim.io import atomic_write_bytes
+
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        plt.close(fig)
+        raise TtcsimError(f"cannot write a .{fmt} image; formats: {', '.join(supported)}",
+                          str(path))
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())

@@ -144,6 +144,9 @@ def fit_runs(
     idle = [r.idle_power_w for r in runs if r.idle_power_w]
     start = base
     if idle:
+        if np.median(idle) >= base.datasheet.power_limit_w - 2.0:  # P_active >= 1 W must fit
+            raise TtcsimError(f"median idle_power_w of the records, {np.median(idle):g} W, is "
+                              f"not below the power limit {base.datasheet.power_limit_w:g} W")
         start = _with(base, {"idle_power_w": float(np.median(idle))})
     before = start.parameters.model_dump()
     # a parameter the base leaves unset (0) starts from a typical value, with no prior
@@ -162,8 +165,13 @@ def fit_runs(
         r, _ = _run_residuals(_with(start, values), runs)
         return np.concatenate([r, prior * (x - x0)])
 
-    sol = optimize.least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, diff_step=1e-3)
+    try:
+        sol = optimize.least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, diff_step=1e-3)
+    except ValueError as exc:  # residuals not finite: a prediction of 0 J or 0 s
+        raise TtcsimError(f"the fit failed: {exc}") from None
     values = dict(zip(names, (float(v) for v in np.exp(sol.x)), strict=True))
+    if values.get("active_power_w", 0) + start.parameters.idle_power_w >= limit:  # as residuals()
+        values["active_power_w"] = limit - start.parameters.idle_power_w - 1.0
     fitted = _with(start, values)
     _, rows = _run_residuals(fitted, runs)
     e_err = [abs(r["energy_j_pred"] / r["energy_j"] - 1) * 100 for r in rows]

@@ -3,14 +3,17 @@
 Schema (totals are for the whole run; unknown keys are ignored)::
 
     {"id": str?, "hw": str, "model": str, "dtype": "bf16", "prompt_tokens": int,
-     "concurrent_queries": int, "strategy": "single"|"vote<N>"|"bon<N>",
-     "output_tokens": [int, ...],          # concurrent_queries x samples
+     "concurrent_queries": int, "strategy": "single"|"vote<N>"|"bon<N>"|any spec,
+     "output_tokens": [int, ...],          # concurrent_queries x draws per query
      "reward_model": str|null, "prefix_sharing": bool? (default true),
      "energy_j": float, "latency_s": float,
      "prefill_latency_s": float?, "decode_latency_s": float?, "score_latency_s": float?,
      "prefill_energy_j": float|null?, "decode_energy_j": float|null?, "idle_power_w": float?}
 
-A run's ``energy_j`` covers all its queries; :func:`predict_record` compares
+``strategy`` is any spec :func:`ttcsim.strategies.parse_strategy` reads; the
+lengths per query are its ``draws_per_query`` (samples for vote/bon, one per
+query for ``beam<W>``, one per round for ``refine<K>``).  A run's ``energy_j``
+covers all its queries; :func:`predict_record` compares
 it with ``concurrent_queries`` times ttcsim's per-query energy.
 """
 
@@ -28,7 +31,7 @@ from ttcsim.errors import TtcsimError
 class RunRecord(BaseModel):
     """One measured run."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)  # unknown keys kept, unused
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)  # unknown keys kept
 
     id: str | None = None
     hw: str = Field(min_length=1)
@@ -71,11 +74,17 @@ class RunRecord(BaseModel):
         )
 
 
-def read_runs(path: str | Path) -> list[RunRecord]:
-    """Read a JSONL file of run records; errors name ``file:line`` and the key."""
+def read_runs(path: str | Path, recording: bool = False) -> list[RunRecord]:
+    """Read a JSONL file of run records; errors name ``file:line`` and the key.
+
+    ``recording``: the file is a recording that may have been interrupted (``calibrate
+    run``): an unterminated last line that is not valid JSON is skipped, and no
+    records at all is an empty list rather than an error.
+    """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise TtcsimError(f"cannot read run records: {exc}", str(path)) from None
     runs = []
@@ -85,8 +94,10 @@ def read_runs(path: str | Path) -> list[RunRecord]:
         where = f"{path}:{i}"
         try:
             data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TtcsimError(f"invalid JSON ({exc.msg})", where) from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, 5000-digit ints, nesting
+            if recording and i == len(lines) and not text.endswith("\n"):
+                break  # interrupted while appending this record
+            raise TtcsimError(f"invalid JSON ({getattr(exc, 'msg', exc)})", where) from None
         if not isinstance(data, dict):
             raise TtcsimError("a run record must be a JSON object", where)
         try:
@@ -96,7 +107,7 @@ def read_runs(path: str | Path) -> list[RunRecord]:
             key = ".".join(str(x) for x in err["loc"])
             msg = "missing required key" if err["type"] == "missing" else err["msg"]
             raise TtcsimError(f"{key}: {msg}", where) from None
-    if not runs:
+    if not runs and not recording:
         raise TtcsimError("no run records", str(path))
     return runs
 

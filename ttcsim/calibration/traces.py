@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from ttcsim.calibration.records import RunRecord
 from ttcsim.errors import TtcsimError
@@ -107,6 +108,8 @@ def read_power_csv(path: str | Path) -> dict[str, np.ndarray | bool]:
         power = _number(row[i_p])
         if power is None:
             continue
+        if power < 0:
+            raise TtcsimError(f"negative power {row[i_p].strip()!r}", f"{path}:{line_no}")
         try:
             t.append(parse_time(row[i_t], f"{path}:{line_no}"))
         except TtcsimError:
@@ -142,17 +145,18 @@ def read_energy_jsonl(path: str | Path) -> dict[str, np.ndarray]:
         where = f"{path}:{i}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, deep nesting
             raise TtcsimError("invalid JSON", where) from None
         if not isinstance(row, dict) or "t" not in row:
             raise TtcsimError('each line needs {"t": ..., "energy_mj": ...}', where)
-        if "energy_mj" in row:
-            value = row["energy_mj"] / 1e3
-        elif "energy_j" in row:
-            value = row["energy_j"]
-        else:
+        key = "energy_mj" if "energy_mj" in row else "energy_j"
+        if key not in row:
             raise TtcsimError("missing energy_mj (or energy_j)", where)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TtcsimError(f"{key} must be a number, got {value!r}", where)
+        value = value / 1e3 if key == "energy_mj" else value
+        if not math.isfinite(value):
             raise TtcsimError("energy must be a finite number", where)
         t.append(parse_time(row["t"], where))
         e.append(float(value))
@@ -241,7 +245,7 @@ def runs_from_trace(
         where = f"{log_path}:{i}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, deep nesting
             raise TtcsimError("invalid JSON", where) from None
         if not isinstance(row, dict) or "start" not in row or "end" not in row:
             raise TtcsimError("a request needs start and end times", where)
@@ -251,9 +255,10 @@ def runs_from_trace(
         ts = ref["t_s"]
         if t0 < ts[0] or t1 > ts[-1]:
             raise TtcsimError("request lies outside the trace", where)
-        inside = ts[(ts >= t0) & (ts <= t1)]
-        edges = np.concatenate([[t0], inside, [t1]])
-        if np.diff(edges).max() > max_gap_s:
+        # samples from the last one at or before t0 to the first at or after t1: a gap
+        # just outside the window is interpolated across too
+        edges = ts[np.searchsorted(ts, t0, "right") - 1 : np.searchsorted(ts, t1, "left") + 1]
+        if edges.size > 1 and np.diff(edges).max() > max_gap_s:
             raise TtcsimError(f"trace has a gap over {max_gap_s} s during the request", where)
         if energy is not None:
             e = energy_between(energy["t_s"], energy["energy_j"], t0, t1)
@@ -270,8 +275,10 @@ def runs_from_trace(
             record.setdefault("idle_power_w", idle)
         try:
             runs.append(RunRecord.model_validate(record))
-        except Exception as exc:  # pydantic ValidationError
-            raise TtcsimError(f"bad request record: {str(exc).splitlines()[0]}", where) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(x) for x in err["loc"])
+            raise TtcsimError(f"bad request record: {key}: {err['msg']}", where) from None
     if not runs:
         raise TtcsimError("no requests in the log", str(log_path))
     return runs
