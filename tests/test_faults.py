@@ -237,16 +237,17 @@ def test_busy_warnings_go_into_the_profile_provenance_and_survive_yaml(tmp_path)
             row["energy_j"] *= 4.0  # another job kept the GPU at ~300-500 W
     (folder / "phases.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (folder / "calibration_runs.jsonl").unlink()
-    profile, _ = refit_from_trace_dir(folder, "h100")
     warnings = busy_gpu_warnings(read_windows(folder), get_profile("h100"),
                                  read_trace_columns(folder))  # fmt: skip
     assert len(warnings) == 2
-    noted = with_notes(profile, warnings)
+    profile, _ = refit_from_trace_dir(folder, "h100")  # adds the warnings itself
     out = tmp_path / "p.yaml"
-    atomic_write_text(out, noted.to_yaml())
+    atomic_write_text(out, profile.to_yaml())
     notes = load_profile_file(out).provenance.parameters.notes
     assert notes.count("busy GPU?") == 2
     assert with_notes(profile, []) is profile
+    quiet, _ = refit_from_trace_dir(H100_A, "h100")
+    assert "busy GPU?" not in (quiet.provenance.parameters.notes or "")
 
 
 # ------------------------------------------------------------------ window validation

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ttcsim.calibration.checks import check_window
+from ttcsim.calibration.checks import (
+    busy_gpu_warnings,
+    check_window,
+    read_trace_columns,
+    with_notes,
+)
 from ttcsim.calibration.fit import FitReport, fit_windows
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile, profile_name_for_gpu
@@ -176,6 +181,9 @@ def refit_from_trace_dir(
         )  # fmt: skip
         profile = refined.with_parameters(refined.parameters, info)
         report.residuals_pct.update(run_report.residuals_pct)
+    # a GPU busy with other work shows as high or unsteady idle power: say so
+    warnings = busy_gpu_warnings(windows, get_profile(base), read_trace_columns(trace_dir))
+    profile = with_notes(profile, warnings)
     return profile, report
 
 
