@@ -315,21 +315,11 @@ def test_random_valid_profiles_give_physical_results(params, sc):
     check_physical(r, profile)
 
 
-@pytest.mark.xfail(
-    reason="simulator/phases.py decode_phase: peak_power_w is the power of the first decode "
-    "step, but later steps read more KV and draw more (avg exceeds 'peak' by 1.6 % here)",
-    strict=False,
-)
 def test_peak_power_is_at_least_average_power():
     r = ttcsim.predict(hw="a100-pcie-80gb", model="1b", prompt_tokens=1, output_tokens=32000)
     assert r.avg_power_w <= r.peak_power_w * (1 + 1e-9)
 
 
-@pytest.mark.xfail(
-    reason="simulator: energy of memory-bound work is not reduced by the clock throttle, so an "
-    "attention_energy_j_per_flop inside the schema (<= 1e-9) can put power above the limit",
-    strict=False,
-)
 def test_power_stays_under_the_limit_for_any_valid_profile():
     params = dict(idle_power_w=5.0, active_power_w=0.0, hbm_energy_j_per_byte=math.exp(-23),
                   compute_energy_j_per_flop=math.exp(-24),

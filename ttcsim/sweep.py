@@ -50,6 +50,7 @@ from ttcsim.models import ModelSpec, get_model
 from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
 from ttcsim.simulator.decode import MAX_EXACT_STEPS, _binomial_grid, segment_cost
+from ttcsim.simulator.phases import decode_peak_power_w, length_extremes
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
 from ttcsim.strategies import BestOfN, Single, Strategy, Vote, parse_strategy
@@ -128,16 +129,20 @@ def _expand_range(spec: Mapping, where: str) -> list[int]:
             v *= factor
     else:
         num = _whole(spec["num"], where)
-        if num < 1:
-            raise TtcsimError("num must be >= 1", where)
+        if not 1 <= num <= MAX_RANGE_VALUES:
+            raise TtcsimError(f"num must be between 1 and {MAX_RANGE_VALUES:,}", where)
         if spec.get("log", False):
             raw = np.geomspace(start, stop, num)
         else:
             raw = np.linspace(start, stop, num)
         values = sorted({int(round(v)) for v in raw})
-    if len(values) > 10_000_000:
-        raise TtcsimError("a range may hold at most 10,000,000 values", where)
+    if len(values) > MAX_RANGE_VALUES:
+        raise TtcsimError(f"a range may hold at most {MAX_RANGE_VALUES:,} values", where)
     return values
+
+
+#: Most values one range axis may expand to.
+MAX_RANGE_VALUES = 10_000_000
 
 
 def _whole(value, where: str) -> int:
@@ -555,7 +560,8 @@ def fixed_decode_arrays(
         t_query = t
     per_query = _repeat_sum_by(t_query, n_queries) / n_queries.astype(float)
     q_time = np.where(steps > 0, per_query, 0.0)
-    return PhaseArrays(t, q_time, e, e_dyn, peak, np.zeros(t.shape, dtype=bool))
+    peak_out = decode_peak_power_w(c, n, prompt, output_tokens, output_tokens)
+    return PhaseArrays(t, q_time, e, e_dyn, peak_out, np.zeros(t.shape, dtype=bool))
 
 
 def score_arrays(c: PassCoefficients, tokens: np.ndarray, pairs: np.ndarray) -> PhaseArrays:
@@ -1154,7 +1160,7 @@ class Sweeper:
                 dec.peak_power_w[inv])
         rand = np.flatnonzero(kind == 1)
         if rand.size:
-            dec_peak[rand] = decode_first_peak_w(c, n_seq[rand].astype(float), prompt[rand])
+            dec_peak[rand] = self._random_peak(c, oi[rand], n_seq[rand], prompt[rand])
             self._random_decode(group, rand, oi, n_seq, samples, prompt_i, prefix,
                                 (dec_t, dec_d, dec_e, dec_q))
 
@@ -1221,6 +1227,15 @@ class Sweeper:
             out["co2_g"][where] = kwh * grid.carbon_g_per_kwh
         if grid.usd_per_kwh is not None:
             out["usd"][where] = kwh * grid.usd_per_kwh
+
+    def _random_peak(self, c, oi, n_seq, prompt):
+        """``decode_phase``'s peak power for random lengths, per row."""
+        ext = np.empty((oi.size, 2))
+        keys = np.stack([oi, n_seq], axis=1)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        for j, (o, n) in enumerate(uniq):
+            ext[inv.ravel() == j] = length_extremes(self.plan.lengths[int(o)], int(n))
+        return decode_peak_power_w(c, n_seq.astype(float), prompt, ext[:, 0], ext[:, 1])
 
     def _random_decode(self, group, rand, oi, n_seq, samples, prompt_i, prefix, outs) -> None:
         """Expected decode of the random-length rows ``rand`` (indices into the fast rows).

@@ -265,7 +265,7 @@ def _print_plan(p) -> None:
     "--seed",
     default=0,
     show_default=True,
-    type=int,
+    type=click.IntRange(0, 2**63 - 1),
     help="Seed of lengths and arrivals.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -120,6 +120,39 @@ def prefill_phase(
     )
 
 
+def decode_peak_power_w(c: PassCoefficients, n_sequences, prompt_tokens, shortest, longest):
+    """Highest step power of a shrinking-batch decode [W], all GPUs (broadcasting).
+
+    Step power grows with the context read and with the batch, so the peak is
+    at one of: the first step (full batch), the full batch's last step (when
+    the shortest sequence ends) or the last step of the longest sequence alone.
+    """
+    n, p, lo, hi = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (n_sequences, prompt_tokens, shortest, longest))
+    )
+    b = np.stack([n, n, np.minimum(n, 1.0)])
+    ctx = b * (
+        p + np.stack([np.ones_like(lo), np.maximum(lo - 1.0, 1.0), np.maximum(hi - 1.0, 1.0)])
+    )
+    cost = forward_pass(c, b, ctx, ctx)
+    return average_power_w(cost.energy_j, cost.time_s).max(axis=0)
+
+
+def length_extremes(lengths, n: int) -> tuple[float, float]:
+    """(shortest, longest) output length of ``n`` sequences, for :func:`decode_peak_power_w`.
+
+    Random lengths: the expected minimum (the ``1/(n+1)`` quantile) and the
+    distribution's upper bound.
+    """
+    if isinstance(lengths, Draws):
+        return float(lengths.values.min()), float(lengths.values.max())
+    if isinstance(lengths, LengthList):
+        return float(min(lengths.values)), float(max(lengths.values))
+    if getattr(lengths, "is_fixed", False):
+        return float(lengths.tokens), float(lengths.tokens)
+    return float(lengths.quantile(1.0 / (n + 1.0))), float(lengths.upper_bound())
+
+
 def decode_phase(
     c: PassCoefficients,
     prompt_tokens: float,
@@ -135,8 +168,7 @@ def decode_phase(
     so the prompt part of their KV reads comes from HBM once per query and step.
     """
     n = n_queries * samples
-    first = forward_pass(c, n, n * (prompt_tokens + 1.0), n * (prompt_tokens + 1.0))
-    peak = float(average_power_w(first.energy_j, first.time_s))
+    peak = float(decode_peak_power_w(c, n, prompt_tokens, *length_extremes(lengths, n)))
     if isinstance(lengths, Draws):
         t, e_dyn, e, q_time = decode_draws(c, prompt_tokens, lengths.values, samples, shared_prefix)
         return PhaseCost(

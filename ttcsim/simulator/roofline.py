@@ -190,8 +190,11 @@ def forward_pass(
         )
         t = t.copy()
         e_dyn = e_dyn.copy()
-        t[idx] = time_at(s, idx)
         e_dyn[idx] = e_mem[idx] + s**c.dvfs_energy_exponent * e_comp[idx]
+        # if even the lowest clock stays over the limit (memory traffic alone too
+        # costly), the limiter stretches the pass until the power is the limit
+        head = max(c.power_limit_w - c.static_power_w, 1e-9)
+        t[idx] = np.maximum(time_at(s, idx), e_dyn[idx] / head)
     t = np.where(active, t, 0.0)
     e_dyn = np.where(active, e_dyn, 0.0)
     energy = c.n_gpus * (c.static_power_w * t + e_dyn)
