@@ -283,7 +283,7 @@ def _log_uniform(lo: float, hi: float):
 
 
 # Energies up to 10 pJ/FLOP (GEMM) and 100 pJ/FLOP (attention): 4x and 9x the calibrated H100.
-# Larger values inside the schema's bounds can exceed the power limit (see the xfail below).
+# Extreme values inside the schema bounds: test_power_stays_under_the_limit_for_any_valid_profile.
 random_parameters = st.fixed_dictionaries(
     {
         "idle_power_w": st.floats(5.0, 200.0),
