@@ -28,19 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttcsim.calibration.fit import fit_runs  # noqa: E402
 from ttcsim.calibration.records import read_runs  # noqa: E402
-from ttcsim.calibration.validate import compare_run, summarize  # noqa: E402
+from ttcsim.calibration.validate import REFERENCE_FIT_IDS, compare_run, summarize  # noqa: E402
 from ttcsim.hardware import load_profile_file  # noqa: E402
 
-#: The <= 6 runs a user would measure to fit; chosen to span the regimes
-#: (small/large model, long prompt, batch, parallel samples, scoring).
-FIT_IDS = (
-    "1b-single-p512",
-    "3b-single-p8192",
-    "3b-bon4",
-    "8b-vote16",
-    "8b-single-q64",
-    "14b-single",
-)
+FIT_IDS = REFERENCE_FIT_IDS
 
 
 def table(rows, title):

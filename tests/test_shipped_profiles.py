@@ -11,21 +11,14 @@ import pytest
 from ttcsim.calibration.fit import fit_runs
 from ttcsim.calibration.records import read_runs
 from ttcsim.calibration.session import refit_from_trace_dir
-from ttcsim.calibration.validate import compare_run
+from ttcsim.calibration.validate import REFERENCE_FIT_IDS, compare_run
 from ttcsim.hardware import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_A = ROOT / "validation" / "h100-a"
 H100_B = ROOT / "validation" / "h100-b"
-#: the <= 6 runs of the held-out protocol (bench/validation_report.py)
-FIT_IDS = (
-    "1b-single-p512",
-    "3b-single-p8192",
-    "3b-bon4",
-    "8b-vote16",
-    "8b-single-q64",
-    "14b-single",
-)
+#: the <= 6 runs of the held-out protocol (ttcsim.calibration.validate)
+FIT_IDS = REFERENCE_FIT_IDS
 
 
 def test_refit_of_committed_h100_trace_reproduces_shipped_profile():

@@ -15,6 +15,19 @@ from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile
 from ttcsim.predict import Prediction, predict
 
+#: The <= 6 runs of the project's held-out protocol (docs/VALIDATION.md): fitted
+#: with ``calibrate fit --runs``, every other run of the campaign is reported.
+#: Chosen to span the regimes (small/large model, long prompt, batch, parallel
+#: samples, scoring) before any run was measured.
+REFERENCE_FIT_IDS = (
+    "1b-single-p512",
+    "3b-single-p8192",
+    "3b-bon4",
+    "8b-vote16",
+    "8b-single-q64",
+    "14b-single",
+)
+
 
 def predict_record(run: RunRecord, profile: HardwareProfile) -> Prediction:
     """Predict the workload a run record describes with ttcsim."""
