@@ -57,6 +57,20 @@ LLAMA_8B = ModelSpec(
     vocab_size=128256,
 )
 
+#: A two-layer decoder small enough for the reference decoder's CPU tests.
+TINY = ModelSpec(
+    name="tiny",
+    n_layers=2,
+    hidden_size=64,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=97,
+    attention_bias=True,
+    max_context_tokens=4096,
+)
+
 MOE = ModelSpec(
     name="tiny-moe",
     n_layers=4,

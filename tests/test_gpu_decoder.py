@@ -13,23 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import TINY  # noqa: E402
+
 from ttcsim.errors import TtcsimError  # noqa: E402
 from ttcsim.gpu import decoder as D  # noqa: E402
 from ttcsim.gpu.fakes import make_fake_pynvml  # noqa: E402
 from ttcsim.models import ModelSpec  # noqa: E402
 
-TINY = ModelSpec(
-    name="tiny",
-    n_layers=2,
-    hidden_size=64,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=97,
-    attention_bias=True,
-    max_context_tokens=4096,
-)
 TINY_MOE = ModelSpec(
     name="tiny-moe",
     n_layers=2,
