@@ -335,3 +335,23 @@ def test_cli_sweep_reports_the_slow_path(tmp_path):
         )
     assert result.exit_code == 0, result.output
     assert "slow path" in result.output
+
+
+def test_sweep_cli_plot_draws_the_table(tmp_path):
+    from click.testing import CliRunner
+
+    from ttcsim.cli import main
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        "hw: h100\nmodel: 1b\nstrategy: [single, vote4]\n"
+        "output_tokens: [128, 512, 2048]\nconcurrency: [1, 4]\n"
+    )
+    out, png = tmp_path / "r.csv", tmp_path / "r.png"
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(out), "--force",
+                                  "--plot", str(png), "--y", "no_such_column"])
+    assert r.exit_code == 2 and "cannot plot" in r.output
+

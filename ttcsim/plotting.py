@@ -23,6 +23,8 @@ LABELS = {
     "j_per_output_token": "energy per output token [J/token]",
     "j_per_useful_token": "energy per useful token [J/token]",
     "latency_s": "latency per query [s]",
+    "output_tokens_spec": "output tokens per sample [tokens]",
+    "prompt_tokens": "prompt tokens [tokens]",
     "avg_power_w": "average power [W]",
     "output_tokens_per_j": "output tokens per joule [token/J]",
 }
@@ -75,6 +77,34 @@ def plot_curve(
         ax.legend(fontsize=8, title=" / ".join(varying), title_fontsize=8)
     fixed = [f"{k} {frame[k].iloc[0]}" for k in keys if k not in varying and len(frame)]
     fig.suptitle(title or ("ttcsim operating curve" + (": " + ", ".join(fixed) if fixed else "")))
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def plot_sweep(frame, path: str | Path, x: str, y: str, color: str) -> Path:
+    """``y`` against ``x`` from a sweep table, one line per value of ``color``.
+
+    Scenarios that differ in other axes are summarised per ``x``: the line is
+    their median, the band spans min to max.  Rows that do not fit are left out.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    ok = frame[frame["fits"].astype(bool)] if "fits" in frame else frame
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for key, part in ok.groupby(color, sort=True):
+        stats = part.groupby(x)[y].agg(["median", "min", "max"]).sort_index()
+        ax.plot(stats.index, stats["median"], marker="o", ms=3.5, lw=1.6, label=str(key))
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
+    ax.set_xscale(_log_if_wide(ok[x]))
+    ax.set_yscale(_log_if_wide(ok[y]))
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on log axes
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(y, y))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, title=color, title_fontsize=8)
+    ax.set_title(f"ttcsim sweep: {len(ok):,} scenarios (median, band = min to max)")
     fig.tight_layout()
     return _save(plt, fig, path)
 

@@ -1515,3 +1515,25 @@ def write_sweep(
         slow_rows=sweeper.slow_rows,
         seconds=time.perf_counter() - start_time,
     )
+
+
+def plot_table(table_path, plot_path, x: str, y: str, color: str):
+    """Read the needed columns of a written sweep table and draw it (:func:`plot_sweep`)."""
+    import pandas as pd
+
+    from ttcsim.plotting import plot_sweep
+
+    columns = list(dict.fromkeys([x, y, color, "fits"]))
+    table_path = Path(table_path)
+    try:
+        if table_path.suffix == ".parquet":
+            frame = pd.read_parquet(table_path, columns=columns)
+        else:
+            frame = pd.read_csv(table_path, usecols=columns)
+    except (ValueError, KeyError) as exc:
+        raise TtcsimError(f"cannot plot: {exc}", "--plot") from None
+    if frame[x].dtype == object:  # e.g. output_tokens_spec: numeric where it can be
+        numeric = pd.to_numeric(frame[x], errors="coerce")
+        if numeric.notna().all():
+            frame[x] = numeric
+    return plot_sweep(frame, plot_path, x, y, color)

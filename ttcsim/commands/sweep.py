@@ -38,8 +38,17 @@ def _friendly(fn):
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--dry-run", is_flag=True, help="Validate the grid and print its size only.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw --y against --x, one line per --color value (PNG).")
+@click.option("--x", "x_col", default="output_tokens_spec", show_default=True,
+              help="Column on the x axis of --plot.")
+@click.option("--y", "y_col", default="energy_j", show_default=True,
+              help="Column on the y axis of --plot.")
+@click.option("--color", "color_col", default="strategy", show_default=True,
+              help="Column whose values get one line each in --plot.")
 @_friendly
-def sweep_cmd(grid_path, out_path, fmt, chunk_rows, progress, dry_run, force) -> None:
+def sweep_cmd(grid_path, out_path, fmt, chunk_rows, progress, dry_run, force, plot_path,
+              x_col, y_col, color_col) -> None:
     """Evaluate every combination of a grid of scenarios (docs/SWEEP.md) into one table."""
     from ttcsim.sweep import DEFAULT_CHUNK_ROWS, SlowPathWarning, load_grid, write_sweep
 
@@ -65,6 +74,10 @@ def sweep_cmd(grid_path, out_path, fmt, chunk_rows, progress, dry_run, force) ->
     )
     if report.slow_rows:
         click.echo(f"  {report.slow_rows:,} scenarios took the slow path (predict() per scenario)")
+    if plot_path:
+        from ttcsim.sweep import plot_table
+
+        click.echo(f"plot -> {plot_table(report.path, plot_path, x_col, y_col, color_col)}")
 
 
 COMMANDS = [sweep_cmd]
