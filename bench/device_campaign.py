@@ -9,6 +9,14 @@ attention), ``profile.yaml`` + ``trace.csv`` + ``phases.jsonl`` (``ttcsim
 calibrate run``), ``runs.jsonl`` (run records of :data:`CAMPAIGN`), ``log.txt``.
 Output lengths drawn from distributions are sampled here with a fixed seed and
 stored per sequence in the records.
+
+The lent GPU image has PyTorch, Triton and nvidia-ml-py but not pydantic: put
+its wheels (pydantic, pydantic-core for the image's Python, annotated-types,
+typing-inspection, typing-extensions) in an ignored ``.whl/`` folder, carry it,
+and start the command with ``python3 -m pip install -q --no-index --no-deps
+--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD``.
+``--set all`` runs the whole campaign (about 6 minutes on an H100 with the
+calibration); ``--set extra`` only the 32B, beam and refine runs.
 """
 
 from __future__ import annotations
