@@ -548,3 +548,19 @@ def test_parameter_count_matches_the_model_card(name, total, active, source):
     expected_active = total if active is None else active
     active_count = architecture.active_parameter_count(spec)
     assert active_count == pytest.approx(expected_active, rel=0.02), source
+
+
+def test_datasheet_profiles_are_what_the_generator_writes(capsys):
+    """tools/make_default_profiles.py --check: uncalibrated YAMLs are up to date."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_default_profiles.py"
+    spec = importlib.util.spec_from_file_location("make_default_profiles", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, capsys.readouterr().out
+    assert "kept" in capsys.readouterr().out  # the calibrated H100 is not regenerated

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ttcsim.hardware import Datasheet, HardwareProfile, ModelParameters
+from ttcsim.hardware import Datasheet, HardwareProfile, ModelParameters, load_profile_file
 from ttcsim.simulator.defaults import default_parameters
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "ttcsim" / "hardware_profiles"
@@ -461,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     for gpu in _gpus():
         text = render(build_profile(gpu))
         path = PROFILE_DIR / f"{gpu.name}.yaml"
+        if path.exists() and load_profile_file(path).calibrated:
+            # a calibrated profile is the output of `ttcsim calibrate`, not of this rule
+            print(f"kept {path} (calibrated)")
+            continue
         if args.check:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 stale.append(path.name)
