@@ -7,6 +7,7 @@ hand-checkable when profiles are recalibrated.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ttcsim.hardware import CalibrationInfo, Datasheet, HardwareProfile, Provenance
 from ttcsim.models import ModelSpec
@@ -94,3 +95,22 @@ def h100():
 @pytest.fixture
 def llama8b():
     return LLAMA_8B
+
+
+def bounded_settings(max_examples: int, fixtures: bool = False):
+    """Fixed, derandomized, bounded hypothesis settings (CI-stable and fast).
+
+    ``fixtures``: also allow function-scoped pytest fixtures (e.g. ``tmp_path``).
+    """
+    checks = [HealthCheck.too_slow, HealthCheck.filter_too_much]
+    if fixtures:
+        checks.insert(1, HealthCheck.function_scoped_fixture)
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=checks,
+    )
+

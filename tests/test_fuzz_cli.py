@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings
+from conftest import bounded_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from ttcsim.cli import main
@@ -70,15 +71,7 @@ EXAMPLES = {
 
 def fuzz(name: str):
     """Fixed, derandomized, bounded hypothesis settings for fuzz test ``name``."""
-    return settings(
-        max_examples=EXAMPLES[name],
-        derandomize=True,
-        database=None,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                               HealthCheck.filter_too_much],  # fmt: skip
-    )
+    return bounded_settings(EXAMPLES[name], fixtures=True)
 
 
 @pytest.fixture(scope="module")

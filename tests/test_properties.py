@@ -26,8 +26,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_profile
-from hypothesis import HealthCheck, assume, given, settings
+from conftest import bounded_settings, make_profile
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ttcsim
@@ -53,14 +53,7 @@ EXAMPLES = {
 
 def fast(name: str):
     """Fixed, derandomized, bounded hypothesis settings for test ``name``."""
-    return settings(
-        max_examples=EXAMPLES[name],
-        derandomize=True,
-        database=None,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
+    return bounded_settings(EXAMPLES[name])
 
 
 # Small dense and MoE models that fit one GPU of every shipped profile at small batches.
