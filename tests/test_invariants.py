@@ -10,7 +10,8 @@ from ttcsim.distributions import parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.predict import predict
 from ttcsim.simulator.coefficients import pass_coefficients
-from ttcsim.simulator.decode import decode_draws, expected_decode
+from ttcsim.simulator.decode import decode_draws
+from ttcsim.simulator.expectation import expected_decode
 
 H100 = make_profile()
 

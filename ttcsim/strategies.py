@@ -62,12 +62,11 @@ from ttcsim.errors import TtcsimError, UnknownNameError
 from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import PassCoefficients
 from ttcsim.simulator.decode import (
-    _binomial_grid,
     decode_time_per_query_s,
     deterministic_decode,
-    expected_decode,
     segment_cost,
 )
+from ttcsim.simulator.expectation import binomial_grid, expected_decode
 from ttcsim.simulator.phases import (
     KV_BLOCK_TOKENS,
     Draws,
@@ -619,7 +618,7 @@ class Beam(Strategy):
         n, g = w.concurrency, w.group
 
         def step_totals(n_chains: int):
-            a, pmf = _binomial_grid(n_chains, p_k)
+            a, pmf = binomial_grid(n_chains, p_k)
             start = np.where(k == 1, 1.0, (k - 1) * self.step_tokens)
             first_ctx = w.prompt_tokens + start
             n_steps = np.where(k == 1, self.step_tokens - 1.0, float(self.step_tokens))

@@ -17,10 +17,11 @@ every expression in the same order as the scalar path.  Two places need care:
 
 * ``numpy.mean`` / ``numpy.sum`` over ``Q`` (or ``Q*N``) equal values use
   numpy's pairwise summation; :func:`repeat_sum` reproduces it elementwise.
-* The exact expectation over a random length (``expected_decode``) sums a
-  ``(steps, batch)`` grid; the sum is reproduced on the same contiguous grid,
-  vectorised over prompt lengths, and the grid's cost table is shared between
-  prompts (the cost at step ``s`` depends on ``P + s`` only).
+* The exact expectation over a random length is the core's
+  :func:`~ttcsim.simulator.expectation.expected_decode_totals`, which takes an
+  array of prompt lengths and gives each the bits it gives alone; its
+  deployment-independent part (per distribution, ``Q*N`` and ``N``) is built
+  once per grid.
 
 Strategies other than ``single``/``cot``, ``vote<N>`` and ``bon<N>``, and
 explicit length lists, are evaluated by calling ``predict()`` per scenario
@@ -33,23 +34,26 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from ttcsim.distributions import LengthDistribution, LengthList, parse_lengths
+from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
 from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
-from ttcsim.simulator.decode import MAX_EXACT_STEPS, _binomial_grid, segment_cost
+from ttcsim.simulator.decode import segment_cost
+from ttcsim.simulator.expectation import (
+    DecodeExpectation,
+    decode_expectation,
+    expected_decode_totals,
+)
 from ttcsim.simulator.phases import decode_peak_power_w, length_extremes
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
@@ -64,10 +68,6 @@ INNER_AXES = ("strategy", "output_tokens", "prefix_cache", "concurrency", "promp
 SCALAR_KEYS = ("pue", "carbon_g_per_kwh", "usd_per_kwh")
 #: Rows evaluated at a time (bounds memory: about 1 kB per row in flight).
 DEFAULT_CHUNK_ROWS = 1 << 17
-#: Largest cost table (rows x batch columns) built per deployment for random lengths.
-TABLE_MAX_ELEMENTS = 1 << 22
-#: Largest (prompts x steps x batch) block evaluated at once for random lengths.
-BLOCK_MAX_ELEMENTS = 1 << 20
 
 _NUMERIC_LIMITS = {
     "prompt_tokens": (1, 10_000_000, "--prompt-tokens"),
@@ -585,204 +585,6 @@ def random_score_totals(prompt: np.ndarray, m1: np.ndarray, m2: np.ndarray, n: n
     return tokens, pairs
 
 
-class _Expectation:
-    """``expected_decode`` of one length distribution, shared by every scenario using it.
-
-    Holds the survival function, step blocking and the binomial grids per batch
-    size (the costly scipy part), exactly as :func:`ttcsim.simulator.decode.expected_decode`
-    builds them.
-    """
-
-    def __init__(self, dist: LengthDistribution):
-        survival = np.asarray(dist.survival_steps(), dtype=float)
-        n_steps = survival.size
-        block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
-        if block > 1:
-            n_blocks = int(np.ceil(n_steps / block))
-            pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
-            centre = np.arange(n_blocks) * block + (block + 1) / 2.0
-            surv = pad.reshape(n_blocks, block).mean(axis=1)
-            steps_s, weight = centre, np.full(n_blocks, float(block))
-        else:
-            surv = survival
-            steps_s, weight = np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
-        self.surv, self.steps_s, self.weight = surv, steps_s, weight
-        self.blocked = block > 1
-        self.n_steps = surv.size
-        self._grids: OrderedDict = OrderedDict()
-        self._others: OrderedDict = OrderedDict()
-        self.cached_bytes = 0
-
-    def _remember(self, store: OrderedDict, key, value) -> None:
-        store[key] = value
-        self.cached_bytes += sum(a.nbytes for a in value)
-        while self.cached_bytes > (256 << 20) and len(store) > 1:
-            _, old = store.popitem(last=False)
-            self.cached_bytes -= sum(a.nbytes for a in old)
-
-    def grid(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(b, pmf * weight)`` for ``n`` sequences."""
-        hit = self._grids.get(n)
-        if hit is None:
-            b, pmf = _binomial_grid(n, self.surv)
-            hit = (b, pmf * self.weight[:, None])
-            self._remember(self._grids, n, hit)
-        return hit
-
-    def others(self, n_others: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(b_o, weight * F(s)^N * pmf_o)`` of the batch left when one query is done."""
-        key = (n_others, samples)
-        hit = self._others.get(key)
-        if hit is None:
-            b_o, pmf_o = _binomial_grid(n_others, self.surv)
-            all_done = (1.0 - self.surv) ** samples
-            hit = (b_o, self.weight[:, None] * all_done[:, None] * pmf_o)
-            self._remember(self._others, key, hit)
-        return hit
-
-    def tabulable(self, n: int) -> bool:
-        """Whether the grid's batch column is ``0..n`` at every step (unblocked, small ``n``)."""
-        return not self.blocked and n <= 128
-
-
-class _CostTable:
-    """Decode step costs ``forward_pass(c, b, b*m, b*m)`` tabulated over ``(m, b)``.
-
-    ``b = 0 .. width-1`` is the batch and ``m = P + s`` the context at step ``s``
-    of a prompt of ``P`` tokens.  A step's cost depends on ``P + s`` only, so the
-    rows ``m = P+1 .. P+steps`` of every prompt length are tabulated once, over
-    the union of those ranges, and each prompt reads a contiguous
-    ``(steps, width)`` block.
-    """
-
-    def __init__(self, c: PassCoefficients, prompts: np.ndarray, n_steps: int, width: int):
-        self.width, self.n_steps = width, n_steps
-        ps = np.unique(np.asarray(prompts, dtype=np.int64))
-        starts, stops = ps + 1, ps + n_steps  # inclusive rows of each prompt
-        pieces, self._row = [], {}
-        rows = 0
-        lo, hi = int(starts[0]), int(stops[0])
-        members = [int(ps[0])]
-        for p, a, z in zip(ps[1:].tolist(), starts[1:].tolist(), stops[1:].tolist(),
-                           strict=True):
-            if a <= hi + 1:
-                hi = max(hi, z)
-                members.append(p)
-                continue
-            rows = self._close(pieces, members, lo, hi, rows)
-            lo, hi, members = a, z, [p]
-        rows = self._close(pieces, members, lo, hi, rows)
-        m_all = np.concatenate(pieces) if pieces else np.zeros(0)
-        self.time_s = np.empty((rows, width))
-        self.dynamic_energy_j = np.empty((rows, width))
-        self.energy_j = np.empty((rows, width))
-        b = np.arange(width, dtype=float)[None, :]
-        block = max(1, BLOCK_MAX_ELEMENTS // max(width, 1))
-        for r in range(0, rows, block):
-            m = m_all[r : r + block, None]
-            ctx = b * m
-            cost = forward_pass(c, b, ctx, ctx)
-            self.time_s[r : r + block] = cost.time_s
-            self.dynamic_energy_j[r : r + block] = cost.dynamic_energy_j
-            self.energy_j[r : r + block] = cost.energy_j
-        self.nbytes = 3 * self.time_s.nbytes
-
-    def narrow(self, width: int) -> _CostTable:
-        """The first ``width`` batch columns as a table of their own (contiguous copies)."""
-        out = object.__new__(_CostTable)
-        out.width, out.n_steps, out._row = width, self.n_steps, self._row
-        out.time_s = np.ascontiguousarray(self.time_s[:, :width])
-        out.dynamic_energy_j = np.ascontiguousarray(self.dynamic_energy_j[:, :width])
-        out.energy_j = np.ascontiguousarray(self.energy_j[:, :width])
-        out.nbytes = 3 * out.time_s.nbytes
-        return out
-
-    def _close(self, pieces: list, members: list, lo: int, hi: int, rows: int) -> int:
-        pieces.append(np.arange(lo, hi + 1, dtype=float))
-        for p in members:
-            self._row[p] = rows + (p + 1 - lo)
-        return rows + hi - lo + 1
-
-    def first_row(self, prompt: int) -> int:
-        """Row of ``m = prompt + 1``."""
-        return self._row[prompt]
-
-
-def _weighted_sum(w: np.ndarray, table: np.ndarray, r0: int, buf: np.ndarray) -> float:
-    np.multiply(w, table[r0 : r0 + w.shape[0]], out=buf)
-    return buf.sum()
-
-
-def expected_decode_arrays(
-    c: PassCoefficients,
-    exp: _Expectation,
-    prompts: np.ndarray,
-    n_sequences: int,
-    samples: int,
-    table: _CostTable | None = None,
-    others_table: _CostTable | None = None,
-    shared_prefix: bool = False,
-    grids: tuple | None = None,
-):
-    """``expected_decode(c, P, survival, n, N)`` for every ``P`` in ``prompts`` (whole numbers).
-
-    Returns ``(time_s, dynamic_energy_j, energy_j, query_time_s)`` arrays.  With
-    cost tables (widths ``n+1`` and ``n-N+1``, needs :meth:`_Expectation.tabulable`)
-    the step costs are read from them; otherwise the ``(prompts, steps, batch)``
-    block is evaluated in pieces.  Either way each sum runs over the same
-    contiguous ``(steps, batch)`` array as in the scalar function.
-    """
-    others = n_sequences - samples
-    if grids is None:  # ``grids``: the two grids fetched beforehand (thread-safe callers)
-        grids = exp.grid(n_sequences), exp.others(others, samples) if others > 0 else None
-    (b, w), (b_o, v_o) = grids[0], grids[1] if others > 0 else (None, None)
-    k = prompts.size
-    t_out, d_out, e_out, q_out = (np.empty(k) for _ in range(4))
-    if table is not None:
-        buf = np.empty(w.shape)
-        buf_o = np.empty(v_o.shape) if others > 0 else None
-        for i, p in enumerate(prompts.tolist()):
-            r0 = table.first_row(int(p))
-            t = _weighted_sum(w, table.time_s, r0, buf)
-            t_out[i] = t
-            d_out[i] = _weighted_sum(w, table.dynamic_energy_j, r0, buf)
-            e_out[i] = _weighted_sum(w, table.energy_j, r0, buf)
-            if others > 0:
-                r0_o = others_table.first_row(int(p))
-                q_out[i] = float(t) - float(_weighted_sum(v_o, others_table.time_s, r0_o, buf_o))
-            else:
-                q_out[i] = t
-        return t_out, d_out, e_out, q_out
-    per_prompt = max(1, b.size)
-    step = max(1, BLOCK_MAX_ELEMENTS // per_prompt)
-    steps_col = exp.steps_s[None, :, None]
-    share = shared_prefix and samples > 1
-    if share:  # expected queries still running: their samples' prompt reads hit L2
-        groups = (n_sequences // samples) * (1.0 - (1.0 - exp.surv) ** samples)
-        g_col = groups[None, :, None]
-
-    def priced(bb, pk):
-        ctx = bb[None] * (pk + steps_col)
-        hbm = ctx
-        if share:
-            hbm = ctx - np.maximum(bb[None] - g_col, 0.0) * pk
-        return forward_pass(c, bb[None], ctx, ctx, kv_hbm_tokens=hbm)
-
-    for lo in range(0, k, step):
-        pk = prompts[lo : lo + step].astype(float)[:, None, None]
-        cost = priced(b, pk)
-        t_out[lo : lo + step] = (w[None] * cost.time_s).sum(axis=(1, 2))
-        d_out[lo : lo + step] = (w[None] * cost.dynamic_energy_j).sum(axis=(1, 2))
-        e_out[lo : lo + step] = (w[None] * cost.energy_j).sum(axis=(1, 2))
-        if others > 0:
-            cost_o = priced(b_o, pk)
-            t_o = (v_o[None] * cost_o.time_s).sum(axis=(1, 2))
-            q_out[lo : lo + step] = t_out[lo : lo + step] - t_o
-        else:
-            q_out[lo : lo + step] = t_out[lo : lo + step]
-    return t_out, d_out, e_out, q_out
-
-
 # ---------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------
@@ -845,8 +647,6 @@ class _Group:
     tp: int
     reward_model: str | None
     codes: dict
-    tables: OrderedDict = field(default_factory=OrderedDict)
-    table_bytes: int = 0
 
 
 @dataclass
@@ -949,8 +749,6 @@ class Sweeper:
                     self._kv_labels.append(label)
         self._warned: set = set()
         self.slow_rows = 0
-        #: threads for the random-length expectations
-        self.threads = min(2, os.cpu_count() or 1)
 
     # -- labels ---------------------------------------------------------------
 
@@ -1009,45 +807,16 @@ class Sweeper:
         self._group_cache = (g, group)
         return group
 
-    def _table_for(self, group: _Group, exp: _Expectation, width: int) -> _CostTable | None:
-        """A cost table of ``width`` batch columns for ``exp``'s steps.
-
-        Covers every prompt length of the grid.  The widest table any scenario of
-        the grid needs is built once per deployment; narrower ones are copied from
-        it.  None when larger than :data:`TABLE_MAX_ELEMENTS`.
-        """
-        key = (exp.n_steps, width)
-        hit = group.tables.get(key)
-        if hit is not None:
-            group.tables.move_to_end(key)
-            return hit
-        widest = min(int(self.plan.samples.max()) * int(self.plan.concurrency.max()), 128) + 1
-        base = group.tables.get((exp.n_steps, widest))
-        if base is None:
-            n_prompts = self.plan.prompt.size
-            span = int(self.plan.prompt.max() - self.plan.prompt.min()) + exp.n_steps
-            if min(span, n_prompts * exp.n_steps) * widest > TABLE_MAX_ELEMENTS:
-                return None
-            base = _CostTable(group.c, self.plan.prompt, exp.n_steps, widest)
-            self._remember_table(group, (exp.n_steps, widest), base)
-        hit = base if width == widest else base.narrow(width)
-        if hit is not base:
-            self._remember_table(group, key, hit)
-        return hit
-
-    @staticmethod
-    def _remember_table(group: _Group, key, table: _CostTable) -> None:
-        group.tables[key] = table
-        group.table_bytes += table.nbytes
-        while group.table_bytes > 4 * 8 * TABLE_MAX_ELEMENTS and len(group.tables) > 2:
-            _, old = group.tables.popitem(last=False)
-            group.table_bytes -= old.nbytes
-
-    def _expectation(self, length_index: int) -> _Expectation:
+    def _expectation(self, o: int, n: int, samples: int, shared: bool) -> DecodeExpectation:
+        """The deployment-independent part of a random-length decode (cached per grid)."""
+        key = (o, n, samples, shared)
         exps = self.plan.expectations
-        if length_index not in exps:
-            exps[length_index] = _Expectation(self.grid.axes["output_tokens"][length_index])
-        return exps[length_index]
+        hit = exps.get(key)
+        if hit is None:
+            survival = self.plan.lengths[o].survival_steps()
+            hit = decode_expectation(survival, n, samples, shared)
+            exps[key] = hit
+        return hit
 
     # -- evaluation -----------------------------------------------------------
 
@@ -1240,42 +1009,24 @@ class Sweeper:
     def _random_decode(self, group, rand, oi, n_seq, samples, prompt_i, prefix, outs) -> None:
         """Expected decode of the random-length rows ``rand`` (indices into the fast rows).
 
-        Rows sharing (distribution, ``Q*N``, ``N``) are one task, vectorised over their
-        prompt lengths; tasks run on two threads (numpy releases the GIL).
+        Rows sharing (distribution, ``Q*N``, ``N``, prefix sharing) share one
+        :class:`~ttcsim.simulator.expectation.DecodeExpectation`; the core
+        evaluates it for all their prompt lengths at once, as ``predict()`` does
+        for one.
         """
         shared = (prefix[rand] & (samples[rand] > 1)).astype(np.int64)
         keys = np.stack([oi[rand].astype(np.int64), n_seq[rand], samples[rand], shared], axis=1)
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
-        tasks = []
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
         for k, (o, n, s, sh) in enumerate(uniq.tolist()):
-            members = rand[inverse == k]
-            exp = self._expectation(o)
-            grids = exp.grid(n), exp.others(n - s, s) if n > s else None
+            members = rand[order[bounds[k] : bounds[k + 1]]]
+            exp = self._expectation(o, n, s, bool(sh))
             prompts, back = np.unique(prompt_i[members], return_inverse=True)
-            table = others = None
-            if exp.tabulable(n) and not sh:
-                table = self._table_for(group, exp, n + 1)
-                if table is not None and n > s:
-                    others = self._table_for(group, exp, n - s + 1)
-                    table = table if others is not None else None
-            tasks.append(
-                (members, back.reshape(-1), exp, prompts, n, s, bool(sh), table, others, grids))
-
-        def run(task) -> None:
-            members, back, exp, prompts, n, s, sh, table, others, grids = task
-            values = expected_decode_arrays(group.c, exp, prompts, n, s, table, others, sh, grids)
+            values = expected_decode_totals(group.c, exp, prompts.astype(float))
             for arr, vals in zip(outs, values, strict=True):
-                arr[members] = vals[back]
-
-        if len(tasks) > 1 and self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.threads) as pool:
-                list(pool.map(run, tasks))
-        else:
-            for task in tasks:
-                run(task)
+                arr[members] = vals[back.reshape(-1)]
 
     def _slow(self, group, rows, si, oi, ci, qi, pi, out) -> None:
         """Scenarios the kernels do not cover: one ``predict()`` call each."""

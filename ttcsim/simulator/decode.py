@@ -21,9 +21,9 @@ step, vectorised.
 Random lengths: with ``n`` i.i.d. lengths of survival function
 ``S(s) = P(L > s)``, the batch at step ``s`` is ``B(s) ~ Binomial(n, S(s))``, so
 the exact expected cost is ``sum_s sum_b P(B(s) = b) * cost(b, s)``
-(:func:`expected_decode`).  This is the order-statistics expectation: the
-longest sample sets the duration and energy is never evaluated at the mean
-length.
+(:mod:`ttcsim.simulator.expectation`, which sums it in O(batch sizes) per
+scenario).  This is the order-statistics expectation: the longest sample sets
+the duration and energy is never evaluated at the mean length.
 """
 
 from __future__ import annotations
@@ -216,106 +216,6 @@ def decode_time_per_query_s(
     last = np.maximum(lengths.reshape(-1, samples_per_query) - 1.0, 0.0).max(axis=1)
     idx = np.searchsorted(steps, last, side="right") - 1
     return np.where(last > 0, cumulative[np.clip(idx, 0, n - 1)], 0.0)
-
-
-#: Step grids longer than this are integrated in blocks (see expected_decode).
-MAX_EXACT_STEPS = 16384
-#: Binomial window half-width in standard deviations for large batches.
-WINDOW_SIGMAS = 9.0
-
-
-def _binomial_grid(n: int, survival: np.ndarray):
-    """Batch values and probabilities per step: exact for small ``n``, windowed for large."""
-    if n <= 128:
-        b = np.arange(n + 1, dtype=float)[None, :].repeat(survival.size, axis=0)
-    else:
-        mu = n * survival
-        sd = np.sqrt(n * survival * (1 - survival))
-        width = int(np.ceil(2 * WINDOW_SIGMAS * sd.max() + 6))
-        width = min(width, n + 1)
-        lo = np.clip(np.floor(mu - WINDOW_SIGMAS * sd - 3), 0, n + 1 - width)
-        b = lo[:, None] + np.arange(width)[None, :]
-    from scipy import stats  # lazy: keeps fixed-length predictions free of scipy's import time
-
-    pmf = stats.binom.pmf(b, n, survival[:, None])
-    return b, pmf
-
-
-def expected_decode(
-    c: PassCoefficients,
-    prompt_tokens: float,
-    survival: np.ndarray,
-    n_sequences: int,
-    samples_per_query: int,
-    shared_prefix: bool = False,
-):
-    """Expected decode cost for ``n_sequences`` i.i.d. random lengths.
-
-    ``survival[s-1] = P(L > s)`` for decode steps ``s = 1 .. len(survival)``;
-    it must reach (near) 0 by its end.  Returns ``(DecodeCost, query_time_s)``
-    where ``query_time_s`` is the expected decode time until one query's
-    ``samples_per_query`` samples have all finished::
-
-        E[T_q] = sum_s sum_b [P_n(b) - F(s)^N * P_{n-N}(b)] * t(b, s)
-
-    (the query is still running at step ``s`` unless all its ``N`` samples are
-    done, in which case the batch holds only the other ``n - N`` sequences).
-
-    Grids longer than :data:`MAX_EXACT_STEPS` are integrated in equal blocks of
-    steps evaluated at the block centre (the cost is affine in ``s`` within a
-    block at fixed batch; only ``S(s)``'s variation inside a block is lost).
-    """
-    survival = np.asarray(survival, dtype=float)
-    n_steps = survival.size
-    block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
-    if block > 1:
-        n_blocks = int(np.ceil(n_steps / block))
-        pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
-        centre = np.arange(n_blocks) * block + (block + 1) / 2.0
-        surv = pad.reshape(n_blocks, block).mean(axis=1)
-        steps_s, weight = centre, np.full(n_blocks, float(block))
-    else:
-        surv, steps_s, weight = survival, np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
-
-    n_groups = n_sequences // samples_per_query
-    # expected queries still running: Q (1 - F(s)^N); with a shared prompt the
-    # other samples' prefix reads hit L2 (linear in energy, so E[groups] is used)
-    groups = n_groups * (1.0 - (1.0 - surv) ** samples_per_query)
-
-    def grid_cost(n: int):
-        b, pmf = _binomial_grid(n, surv)
-        ctx = b * (prompt_tokens + steps_s[:, None])
-        hbm = ctx
-        if shared_prefix and samples_per_query > 1:
-            hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt_tokens
-        cost = forward_pass(c, b, ctx, ctx, kv_hbm_tokens=hbm)
-        return b, pmf, cost
-
-    b, pmf, cost = grid_cost(n_sequences)
-    w = pmf * weight[:, None]
-    time_s = float((w * cost.time_s).sum())
-    e_dyn = float((w * cost.dynamic_energy_j).sum())
-    energy = float((w * cost.energy_j).sum())
-    tokens = float((w * b).sum())
-    steps = float((weight * (1.0 - (1.0 - surv) ** n_sequences)).sum())
-    query_time = time_s
-    others = n_sequences - samples_per_query
-    if others > 0:
-        _, pmf_o, cost_o = grid_cost(others)
-        all_done = (1.0 - surv) ** samples_per_query
-        query_time = time_s - float(
-            (weight[:, None] * all_done[:, None] * pmf_o * cost_o.time_s).sum()
-        )
-    return (
-        DecodeCost(
-            time_s=time_s,
-            dynamic_energy_j=e_dyn,
-            energy_j=energy,
-            decode_steps=steps,
-            generated_tokens=tokens,
-        ),
-        query_time,
-    )
 
 
 def decode_draws(

@@ -6,7 +6,7 @@ queries.  Lengths come in three forms:
 * a :class:`~ttcsim.distributions.LengthList` or a fixed length -- exact,
   deterministic cost;
 * a random :class:`~ttcsim.distributions.LengthDistribution` -- the exact
-  expectation (see :func:`ttcsim.simulator.decode.expected_decode`);
+  expectation (see :mod:`ttcsim.simulator.expectation`);
 * a :class:`Draws` matrix -- one deterministic cost per Monte-Carlo draw
   (used for percentiles); then every field is an array over draws.
 """
@@ -22,14 +22,12 @@ from ttcsim.errors import TtcsimError
 from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import PassCoefficients
 from ttcsim.simulator.decode import (
-    MAX_EXACT_STEPS,
-    _binomial_grid,
     decode_draws,
     decode_time_per_query_s,
     deterministic_decode,
-    expected_decode,
     segment_cost,
 )
+from ttcsim.simulator.expectation import binomial_grid, expected_decode, step_grid
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
 
@@ -553,25 +551,17 @@ def expected_steps_phase(
 ) -> PhaseCost:
     """Expected cost of a decode whose step is priced by ``step_cost(b, ctx) -> (t, e_dyn, e)``.
 
-    Same expectation as :func:`ttcsim.simulator.decode.expected_decode` (batch
-    ``B(s) ~ Binomial(n, S(s))`` at step ``s``, context ``P + s``, blocks of
-    steps beyond :data:`~ttcsim.simulator.decode.MAX_EXACT_STEPS`), for any
-    per-step price, e.g. a speculative-decoding iteration.
+    Same expectation as :mod:`ttcsim.simulator.expectation` (batch ``B(s) ~
+    Binomial(n, S(s))`` at step ``s``, context ``P + s``, the same
+    :func:`~ttcsim.simulator.expectation.step_grid`), for any per-step price,
+    e.g. a speculative-decoding iteration, summed over the whole ``(steps x
+    batch)`` grid.
     """
-    survival = np.asarray(survival, dtype=float)
-    n_steps = survival.size
-    block = max(1, int(np.ceil(n_steps / MAX_EXACT_STEPS)))
-    if block > 1:
-        n_blocks = int(np.ceil(n_steps / block))
-        pad = np.concatenate([survival, np.zeros(n_blocks * block - n_steps)])
-        surv = pad.reshape(n_blocks, block).mean(axis=1)
-        steps_s = np.arange(n_blocks) * block + (block + 1) / 2.0
-        weight = np.full(n_blocks, float(block))
-    else:
-        surv, steps_s, weight = survival, np.arange(1, n_steps + 1, dtype=float), np.ones(n_steps)
+    sg = step_grid(survival)
+    surv, steps_s, weight = sg.survival, sg.steps, sg.weight
 
     def grid(n: int):
-        b, pmf = _binomial_grid(n, surv)
+        b, pmf = binomial_grid(n, surv)
         return b, pmf, step_cost(b, prompt_tokens + steps_s[:, None])
 
     b, pmf, (t, e_dyn, e) = grid(n_sequences)

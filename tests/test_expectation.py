@@ -1,0 +1,156 @@
+"""The O(batch) expectation over random lengths against the full (steps x batch) sum.
+
+Tier 1 (hand-computed and brute force): the reference below is the definition,
+``sum_s w_s sum_b P(B(s) = b) * cost(b, s)`` with every cell priced by
+``forward_pass``; ``ttcsim.simulator.expectation`` must reproduce it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LLAMA_8B, make_profile
+from scipy import stats
+
+from ttcsim.distributions import parse_lengths
+from ttcsim.simulator.coefficients import pass_coefficients
+from ttcsim.simulator.expectation import (
+    PANELS,
+    batch_measure,
+    decode_expectation,
+    expected_decode,
+    expected_decode_totals,
+    step_grid,
+)
+from ttcsim.simulator.roofline import forward_pass
+
+COOL = pass_coefficients(make_profile(), LLAMA_8B)
+#: static power near the limit and costly FLOPs: batches >= 32 reach the limit at
+#: short contexts and leave it at long ones (the hardest case: a kink inside a column)
+HOT = pass_coefficients(
+    make_profile(active_power_w=300.0, compute_energy_j_per_flop=2e-12), LLAMA_8B
+)
+
+
+def brute_force(c, prompt, survival, n, samples, shared=False):
+    """The definition, summed cell by cell over the whole binomial support."""
+    g = step_grid(survival)
+    b = np.arange(n + 1, dtype=float)[None, :]
+    pmf = stats.binom.pmf(b, n, g.survival[:, None]) * g.weight[:, None]
+    ctx = b * (prompt + g.steps[:, None])
+    hbm = ctx
+    if shared and samples > 1:
+        groups = (n // samples) * (1.0 - (1.0 - g.survival) ** samples)
+        hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt
+    cost = forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx, kv_hbm_tokens=hbm)
+    time = (pmf * cost.time_s).sum()
+    energy = (pmf * cost.energy_j).sum()
+    q_time = time
+    if n > samples:
+        bo = np.arange(n - samples + 1, dtype=float)[None, :]
+        done = (1.0 - g.survival) ** samples
+        pmf_o = stats.binom.pmf(bo, n - samples, g.survival[:, None])
+        pmf_o = pmf_o * (g.weight * done)[:, None]
+        ctx_o = bo * (prompt + g.steps[:, None])
+        hbm_o = ctx_o
+        if shared and samples > 1:
+            hbm_o = ctx_o - np.maximum(bo - groups[:, None], 0.0) * prompt
+        cost_o = forward_pass(
+            c, np.broadcast_to(bo, ctx_o.shape), ctx_o, ctx_o, kv_hbm_tokens=hbm_o
+        )
+        q_time = time - (pmf_o * cost_o.time_s).sum()
+    tokens = (pmf * b).sum()
+    return time, energy, q_time, tokens, cost.throttled.any()
+
+
+def test_one_sequence_by_hand():
+    """n = 1, lengths 2 or 3 tokens with equal odds: steps 1 (always) and 2 (half the time)."""
+    survival = np.array([1.0, 0.5])  # P(L > 1) = 1, P(L > 2) = 0.5
+    cost, q_time = expected_decode(COOL, 100.0, survival, 1, 1)
+    one = forward_pass(COOL, 1.0, 101.0, 101.0)
+    two = forward_pass(COOL, 1.0, 102.0, 102.0)
+    assert cost.time_s == pytest.approx(float(one.time_s + 0.5 * two.time_s), rel=1e-12)
+    assert cost.energy_j == pytest.approx(float(one.energy_j + 0.5 * two.energy_j), rel=1e-12)
+    assert q_time == pytest.approx(cost.time_s, rel=1e-15)
+    assert cost.generated_tokens == pytest.approx(1.5, rel=1e-12)
+    assert cost.decode_steps == pytest.approx(1.5, rel=1e-12)
+
+
+CASES = [
+    ("lognormal:median=200,sigma=0.8,max=2000", 4, 4, False),
+    ("lognormal:median=200,sigma=0.8,max=2000", 12, 3, True),
+    ("gamma:mean=150,shape=1.5", 48, 4, True),
+    ("gamma:mean=150,shape=1.5", 200, 8, False),  # windowed binomial (n > 128)
+    ("lognormal:median=60,sigma=0.5,max=20000", 6, 2, True),  # blocked step grid
+]
+
+
+@pytest.mark.parametrize("spec,n,samples,shared", CASES)
+@pytest.mark.parametrize("prompt", [16.0, 3000.0])
+def test_matches_full_grid_sum_at_full_clock(spec, n, samples, shared, prompt):
+    survival = parse_lengths(spec).survival_steps()
+    t, e, q, tokens, throttled = brute_force(COOL, prompt, survival, n, samples, shared)
+    assert not throttled
+    cost, q_time = expected_decode(COOL, prompt, survival, n, samples, shared)
+    assert cost.time_s == pytest.approx(t, rel=1e-10)
+    assert cost.energy_j == pytest.approx(e, rel=1e-10)
+    assert q_time == pytest.approx(q, rel=1e-10)
+    assert cost.generated_tokens == pytest.approx(tokens, rel=1e-10)
+
+
+@pytest.mark.parametrize("spec,n,samples,shared", CASES[2:4])
+@pytest.mark.parametrize("prompt", [16.0, 300.0])
+def test_matches_full_grid_sum_at_the_power_limit(spec, n, samples, shared, prompt):
+    survival = parse_lengths(spec).survival_steps()
+    t, e, q, _, throttled = brute_force(HOT, prompt, survival, n, samples, shared)
+    assert throttled  # the case must exercise the Gauss nodes
+    cost, q_time = expected_decode(HOT, prompt, survival, n, samples, shared)
+    assert cost.time_s == pytest.approx(t, rel=1e-6)
+    assert cost.energy_j == pytest.approx(e, rel=1e-6)
+    assert q_time == pytest.approx(q, rel=1e-6)
+
+
+def test_the_limit_makes_a_difference_the_nodes_capture():
+    """Pricing hot columns at full clock instead would be visibly wrong (test can fail)."""
+    survival = parse_lengths("gamma:mean=150,shape=1.5").survival_steps()
+    exp = decode_expectation(survival, 200, 4)
+    t_hot = expected_decode_totals(HOT, exp, [16.0])[0][0]
+    m = exp.batch
+    from ttcsim.simulator.expectation import _step_coefficients
+
+    t0, a_b, _, _ = _step_coefficients(HOT, m.batch)
+    t_free = float((t0 * m.mass + a_b * (16.0 * m.mass + m.first_moment)).sum())
+    assert t_hot > 1.03 * t_free
+
+
+def test_one_prompt_alone_gives_the_same_bits_as_in_an_array():
+    survival = parse_lengths("gamma:mean=150,shape=1.5").survival_steps()
+    exp = decode_expectation(survival, 48, 4, shared_prefix=True)
+    prompts = np.array([16.0, 100.0, 300.0, 3000.0, 7.0])
+    for c in (COOL, HOT):
+        together = expected_decode_totals(c, exp, prompts)
+        for i, p in enumerate(prompts):
+            alone = expected_decode_totals(c, exp, [p])
+            for a, b in zip(alone, together, strict=True):
+                assert a[0] == b[i]
+
+
+def test_measure_moments_and_gauss_nodes():
+    survival = parse_lengths("lognormal:median=200,sigma=0.8,max=2000").survival_steps()
+    g = step_grid(survival)
+    n = 20
+    m = batch_measure(g, n)
+    # total mass: expected steps with a non-empty batch; first moment in b: E[sum B(s)]
+    assert m.mass.sum() == pytest.approx((1.0 - (1.0 - g.survival) ** n).sum(), rel=1e-10)
+    assert (m.batch * m.mass).sum() == pytest.approx(n * g.survival.sum(), rel=1e-10)
+    # each column's nodes carry its mass and integrate cubics in s exactly
+    assert m.node_weights.shape == (m.batch.size, 2 * PANELS)
+    np.testing.assert_allclose(m.node_weights.sum(axis=1), m.mass, rtol=1e-12)
+    np.testing.assert_allclose((m.node_weights * m.node_steps).sum(axis=1), m.first_moment,
+                               rtol=1e-10)
+    pmf = stats.binom.pmf(m.batch[None, :], n, g.survival[:, None])
+    for k in (2, 3):
+        exact = (pmf * g.steps[:, None] ** k).sum(axis=0)
+        quad = (m.node_weights * m.node_steps**k).sum(axis=1)
+        np.testing.assert_allclose(quad, exact, rtol=1e-8)
+    assert np.all(m.first_step <= m.last_step)
