@@ -12,7 +12,9 @@ Cases:
 * ``fixed-parquet``  the same written to Parquet (skipped without pyarrow)
 * ``fixed-parquet-warm``  the same, timed after two untimed runs in the same process
 * ``fixed-csv``      the same written to CSV
-* ``dist-eval``      random output-length distributions (exact expectations)
+* ``dist-eval``      1,048,576 scenarios with random output lengths (exact expectations)
+* ``dist-small-eval`` the 9,216-scenario random-length grid of earlier measurements
+* ``dist-csv``       the 1,048,576 random-length scenarios written to CSV
 * ``stream-10m``     10,485,760 fixed-length scenarios streamed to disk (Parquet if
   pyarrow is importable, else CSV): the memory bound
 * ``predict-fixed`` / ``predict-dist``  a scalar loop of ``predict()`` over random rows
@@ -49,15 +51,20 @@ BIG_GRID = {  # 8*10*2*2*4*4*2*8*128 = 10,485,760 scenarios
     + ["1b", "3b", "qwen3-8b", "qwen3-14b", "qwen2.5-14b", "qwen2.5-32b"],
     "prompt_tokens": {"start": 128, "stop": 32768, "num": 128, "log": True},
 }
-DIST_GRID = {  # 4*2*3*3*4*32 = 9,216 scenarios
-    "hw": ["h100", "a100", "l40s", "h200"],
-    "model": ["8b", "qwen3-30b-a3b"],
-    "strategy": ["single", "vote4", "bon4"],
+DIST_GRID = {  # 4*4*2*2*4*4*2*8*64 = 1,048,576 scenarios, every one with random lengths
+    **FIXED_GRID,
     "output_tokens": [
         "lognormal:median=300,sigma=0.7,max=2048",
         "lognormal:median=800,sigma=0.6,max=4096",
         "gamma:mean=500,shape=2,max=4096",
+        "lognormal:median=2000,sigma=0.8,max=16384",
     ],
+}
+SMALL_DIST_GRID = {  # 4*2*3*3*4*32 = 9,216 scenarios (the grid of earlier measurements)
+    "hw": ["h100", "a100", "l40s", "h200"],
+    "model": ["8b", "qwen3-30b-a3b"],
+    "strategy": ["single", "vote4", "bon4"],
+    "output_tokens": DIST_GRID["output_tokens"][:3],
     "concurrency": [1, 2, 4, 8],
     "prompt_tokens": {"start": 128, "stop": 8192, "num": 32, "log": True},
 }
@@ -133,6 +140,8 @@ CASES = {
     "fixed-parquet-warm": lambda: _write(FIXED_GRID, "parquet", warm_runs=2),
     "fixed-csv": lambda: _write(FIXED_GRID, "csv"),
     "dist-eval": lambda: _evaluate(DIST_GRID),
+    "dist-small-eval": lambda: _evaluate(SMALL_DIST_GRID),
+    "dist-csv": lambda: _write(DIST_GRID, "csv"),
     "stream-10m": lambda: _write(BIG_GRID, "auto"),
     "predict-fixed": lambda: _predict_loop(FIXED_GRID, 3000, 20.0),
     "predict-dist": lambda: _predict_loop(DIST_GRID, 200, 30.0),

@@ -15,11 +15,13 @@ from scipy import stats
 from ttcsim.distributions import parse_lengths
 from ttcsim.simulator.coefficients import pass_coefficients
 from ttcsim.simulator.expectation import (
+    BAND_EXACT,
     PANELS,
     batch_measure,
     decode_expectation,
     expected_decode,
     expected_decode_totals,
+    query_running_share,
     step_grid,
 )
 from ttcsim.simulator.roofline import forward_pass
@@ -105,9 +107,9 @@ def test_matches_full_grid_sum_at_the_power_limit(spec, n, samples, shared, prom
     t, e, q, _, throttled = brute_force(HOT, prompt, survival, n, samples, shared)
     assert throttled  # the case must exercise the Gauss nodes
     cost, q_time = expected_decode(HOT, prompt, survival, n, samples, shared)
-    assert cost.time_s == pytest.approx(t, rel=1e-6)
-    assert cost.energy_j == pytest.approx(e, rel=1e-6)
-    assert q_time == pytest.approx(q, rel=1e-6)
+    assert cost.time_s == pytest.approx(t, rel=1e-4)
+    assert cost.energy_j == pytest.approx(e, rel=1e-4)
+    assert q_time == pytest.approx(q, rel=1e-4)
 
 
 def test_the_limit_makes_a_difference_the_nodes_capture():
@@ -115,7 +117,7 @@ def test_the_limit_makes_a_difference_the_nodes_capture():
     survival = parse_lengths("gamma:mean=150,shape=1.5").survival_steps()
     exp = decode_expectation(survival, 200, 4)
     t_hot = expected_decode_totals(HOT, exp, [16.0])[0][0]
-    m = exp.batch
+    m = exp.measure
     from ttcsim.simulator.expectation import _step_coefficients
 
     t0, a_b, _, _ = _step_coefficients(HOT, m.batch)
@@ -125,14 +127,26 @@ def test_the_limit_makes_a_difference_the_nodes_capture():
 
 def test_one_prompt_alone_gives_the_same_bits_as_in_an_array():
     survival = parse_lengths("gamma:mean=150,shape=1.5").survival_steps()
-    exp = decode_expectation(survival, 48, 4, shared_prefix=True)
+    exp = decode_expectation(survival, 48, 4)
     prompts = np.array([16.0, 100.0, 300.0, 3000.0, 7.0])
     for c in (COOL, HOT):
-        together = expected_decode_totals(c, exp, prompts)
+        together = expected_decode_totals(c, exp, prompts, True)
         for i, p in enumerate(prompts):
-            alone = expected_decode_totals(c, exp, [p])
+            alone = expected_decode_totals(c, exp, [p], True)
             for a, b in zip(alone, together, strict=True):
                 assert a[0] == b[i]
+
+
+def test_query_running_share_is_hypergeometric():
+    # n = 6 sequences, a query of N = 2: with b = 3 running, P(query done) = C(4,3)/C(6,3)
+    share = query_running_share(6, 2, np.array([0.0, 1.0, 3.0, 4.0, 5.0, 6.0]))
+    np.testing.assert_allclose(share, [0.0, 1 / 3, 1 - 4 / 20, 1 - 1 / 15, 1.0, 1.0],
+                               atol=1e-12)
+    # by exchangeability: P(done) * P_n(b) = F^N * P_{n-N}(b)
+    n, N, S, b = 40, 5, 0.3, np.arange(0, 36)
+    lhs = (1 - query_running_share(n, N, b)) * stats.binom.pmf(b, n, S)
+    np.testing.assert_allclose(lhs, (1 - S) ** N * stats.binom.pmf(b, n - N, S), rtol=1e-10,
+                               atol=1e-300)
 
 
 def test_measure_moments_and_gauss_nodes():
@@ -144,7 +158,9 @@ def test_measure_moments_and_gauss_nodes():
     assert m.mass.sum() == pytest.approx((1.0 - (1.0 - g.survival) ** n).sum(), rel=1e-10)
     assert (m.batch * m.mass).sum() == pytest.approx(n * g.survival.sum(), rel=1e-10)
     # each column's nodes carry its mass and integrate cubics in s exactly
+    assert m.batch.size == n <= BAND_EXACT  # every band is one batch size here
     assert m.node_weights.shape == (m.batch.size, 2 * PANELS)
+    np.testing.assert_allclose(m.node_batch[:, 0], m.batch)
     np.testing.assert_allclose(m.node_weights.sum(axis=1), m.mass, rtol=1e-12)
     np.testing.assert_allclose((m.node_weights * m.node_steps).sum(axis=1), m.first_moment,
                                rtol=1e-10)

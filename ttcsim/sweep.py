@@ -807,14 +807,13 @@ class Sweeper:
         self._group_cache = (g, group)
         return group
 
-    def _expectation(self, o: int, n: int, samples: int, shared: bool) -> DecodeExpectation:
+    def _expectation(self, o: int, n: int, samples: int) -> DecodeExpectation:
         """The deployment-independent part of a random-length decode (cached per grid)."""
-        key = (o, n, samples, shared)
+        key = (o, n, samples)
         exps = self.plan.expectations
         hit = exps.get(key)
         if hit is None:
-            survival = self.plan.lengths[o].survival_steps()
-            hit = decode_expectation(survival, n, samples, shared)
+            hit = decode_expectation(self.plan.lengths[o].survival_steps(), n, samples)
             exps[key] = hit
         return hit
 
@@ -930,7 +929,7 @@ class Sweeper:
         rand = np.flatnonzero(kind == 1)
         if rand.size:
             dec_peak[rand] = self._random_peak(c, oi[rand], n_seq[rand], prompt[rand])
-            self._random_decode(group, rand, oi, n_seq, samples, prompt_i, prefix,
+            self._random_decode(group, rand, (oi, qi, si, pi), n_seq, samples, prompt, prefix,
                                 (dec_t, dec_d, dec_e, dec_q))
 
         sc_t = np.zeros(m)
@@ -1006,27 +1005,34 @@ class Sweeper:
             ext[inv.ravel() == j] = length_extremes(self.plan.lengths[int(o)], int(n))
         return decode_peak_power_w(c, n_seq.astype(float), prompt, ext[:, 0], ext[:, 1])
 
-    def _random_decode(self, group, rand, oi, n_seq, samples, prompt_i, prefix, outs) -> None:
+    def _random_decode(self, group, rand, digits, n_seq, samples, prompt, prefix, outs) -> None:
         """Expected decode of the random-length rows ``rand`` (indices into the fast rows).
 
-        Rows sharing (distribution, ``Q*N``, ``N``, prefix sharing) share one
-        :class:`~ttcsim.simulator.expectation.DecodeExpectation`; the core
-        evaluates it for all their prompt lengths at once, as ``predict()`` does
-        for one.
+        Rows sharing (distribution, ``Q``, strategy, prefix sharing) are one task:
+        one :class:`~ttcsim.simulator.expectation.DecodeExpectation` (cached per
+        ``(distribution, Q*N, N)``), evaluated by the core for all the task's
+        distinct prompt lengths at once, as ``predict()`` does for one.
         """
-        shared = (prefix[rand] & (samples[rand] > 1)).astype(np.int64)
-        keys = np.stack([oi[rand].astype(np.int64), n_seq[rand], samples[rand], shared], axis=1)
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-        for k, (o, n, s, sh) in enumerate(uniq.tolist()):
-            members = rand[order[bounds[k] : bounds[k + 1]]]
-            exp = self._expectation(o, n, s, bool(sh))
-            prompts, back = np.unique(prompt_i[members], return_inverse=True)
-            values = expected_decode_totals(group.c, exp, prompts.astype(float))
-            for arr, vals in zip(outs, values, strict=True):
-                arr[members] = vals[back.reshape(-1)]
+        oi, qi, si, pi = (d[rand] for d in digits)
+        plan = self.plan
+        shared = prefix[rand] & (samples[rand] > 1)
+        task = (oi, len(plan.lengths)), (qi, len(plan.concurrency)), (si, len(plan.samples)), (
+            shared.astype(np.int64), 2)
+        first, inverse = _unique_rows(*task, (pi, len(plan.prompt)))
+        u = rand[first]  # one row per distinct (task, prompt), sorted by task
+        key = np.zeros(first.size, dtype=np.int64)
+        for values, bound in task:
+            key = key * bound + values[first]
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        results = tuple(np.empty(first.size) for _ in outs)
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, first.size].tolist(), strict=True):
+            r = u[lo]
+            exp = self._expectation(int(oi[first[lo]]), int(n_seq[r]), int(samples[r]))
+            values = expected_decode_totals(group.c, exp, prompt[u[lo:hi]], bool(shared[first[lo]]))
+            for res, vals in zip(results, values, strict=True):
+                res[lo:hi] = vals
+        for arr, res in zip(outs, results, strict=True):
+            arr[rand] = res[inverse]
 
     def _slow(self, group, rows, si, oi, ci, qi, pi, out) -> None:
         """Scenarios the kernels do not cover: one ``predict()`` call each."""

@@ -13,8 +13,9 @@ instead: per batch size ``b`` the step weights form a measure over ``s``,
     mu_b(s) = w_s * P(B(s) = b),   M0(b) = sum_s mu_b(s),   M1(b) = sum_s mu_b(s) * s,
 
 which depends on the length distribution and ``n`` only -- not on the GPU, the
-model or the prompt.  At full clock a decode step with batch ``b`` and prompt
-``P`` is affine in ``s`` (:func:`ttcsim.simulator.decode.segment_cost`)::
+model or the prompt (:func:`decode_expectation` builds it once).  At full clock
+a decode step with batch ``b`` and prompt ``P`` is affine in ``s``
+(:func:`ttcsim.simulator.decode.segment_cost`)::
 
     t(b, s) = t0(b) + a(b) * b * (P + s)
     e(b, s) = e0(b) + e1 * b * (P + s) - e_B * b_kv * P * h_b(s)
@@ -26,23 +27,35 @@ model or the prompt.  At full clock a decode step with batch ``b`` and prompt
 
 with ``H(b) = sum_s mu_b(s) h_b(s)``: exact, and affine in ``P``.
 
-Power-limited steps are not affine in ``s``.  Step power at fixed ``b`` is a
-ratio of affine functions of ``s``, hence monotone, so a batch column reaches
-the limit only if one end of its support ``[s_min(b), s_max(b)]`` does (the
-check ignores L2 hits, which only lower the power, so it is conservative).
-Such columns are priced by quadrature instead: ``mu_b`` is cut into
-:data:`PANELS` panels of equal mass and each panel gets the two-point Gauss
-rule of its own measure (nodes and weights from its first four moments; exact
-for cubics in ``s``), and :func:`~ttcsim.simulator.roofline.forward_pass`
-prices each node.  The error is that of a 16-point composite Gauss rule on a
-smooth step cost (below 1e-5 relative in our tests against the full grid sum;
-larger only where a panel straddles the point where the limit starts).
+**One query's wait.**  A query (``N`` of the ``n`` sequences) still runs at
+step ``s`` unless all its samples are done.  Given ``B(s) = b``, the ``b``
+running sequences are a uniform subset (exchangeability), so the query is done
+with probability ``r(b) = C(n - N, b) / C(n, b)``, whatever ``s``::
 
-Prefix sharing: with ``Q = n / N`` queries of ``N`` samples sharing a prompt,
-``g(s) = Q * (1 - (1 - S(s))^N)`` queries are expected to run at step ``s``
-and ``h_b(s) = max(b - g(s), 0)`` samples read the prompt from L2 (the model
-of :func:`~ttcsim.simulator.decode.segment_cost`, with the expected number of
-running queries as in the full-grid sum).
+    E[T_q] = sum_b (1 - r(b)) * sum_s mu_b(s) t(b, s)                     [s]
+
+(equal to ``E[T] - sum_s F(s)^N sum_b P_{n-N}(B(s) = b) t(b, s)``, since
+``P_n(b) r(b) = F^N P_{n-N}(b)``): one more weight per batch size.
+
+**Power limit.**  Power-limited steps are not affine in ``s``.  Step power at
+fixed ``b`` is a ratio of affine functions of ``s``, hence monotone, so a batch
+size reaches the limit only if one end of its support ``[s_min(b), s_max(b)]``
+does (the check ignores L2 hits, which only lower the power, so it is
+conservative).  For those, the difference between the true step cost and the
+full-clock one is added by quadrature: batch sizes are grouped in *bands*
+(each size up to :data:`BAND_EXACT`, then ranges of ratio :data:`BAND_RATIO`),
+each band's measure in ``(b, s)`` is cut into :data:`PANELS` equal-mass panels,
+and each panel gets the two-point Gauss rule of its measure in ``s`` (exact for
+cubics) with ``b`` regressed on ``s`` within the panel;
+:func:`~ttcsim.simulator.roofline.forward_pass` prices each node.  Against the
+full grid sum this is within 2e-5 relative in our tests (the residue comes from
+the kink where the limit starts inside a panel, and from ``h``'s kink).
+
+**Prefix sharing.**  With ``Q = n / N`` queries of ``N`` samples sharing a
+prompt, ``g(s) = Q * (1 - (1 - S(s))^N)`` queries are expected to run at step
+``s`` and ``h_b(s) = max(b - g(s), 0)`` samples read the prompt from L2 (the
+model of :func:`~ttcsim.simulator.decode.segment_cost`, with the expected
+number of running queries).
 """
 
 from __future__ import annotations
@@ -67,8 +80,8 @@ MAX_EXACT_STEPS = 16384
 WINDOW_SIGMAS = 9.0
 #: Batches up to this size use the whole binomial support ``0..n`` at every step.
 EXACT_BATCH = 128
-#: Equal-mass panels per batch column for power-limited columns (2 Gauss nodes each).
-PANELS = 8
+#: Equal-mass panels per band of batch sizes for power-limited bands (2 Gauss nodes each).
+PANELS = 4
 
 
 def binomial_grid(n: int, survival: np.ndarray):
@@ -145,26 +158,42 @@ def step_grid(survival) -> StepGrid:
 
 @dataclass(frozen=True)
 class BatchMeasure:
-    """The step measure ``mu_b(s)`` of every batch size ``b >= 1`` that has mass.
+    """The step measure ``mu_b(s)`` of every batch size ``b = 1..n`` that has cells.
 
-    Arrays are over batch sizes (``k`` of them); the node arrays are ``(k, 2 *
-    PANELS)``.  ``l2_hits[i] = sum_s mu_b(s) h_b(s)`` and ``node_l2_hits`` the
-    panel means of ``h_b`` (zeros without prefix sharing).
+    Column arrays are over batch sizes (``k`` of them).  ``l2_hits[i] = sum_s
+    mu_b(s) h_b(s)`` (zeros without ``running_groups``).  Node arrays are over
+    *bands* of neighbouring batch sizes (:func:`band_of`), ``(bands, 2 *
+    PANELS)``: each band's measure in ``(b, s)`` cut into equal-mass panels,
+    two Gauss nodes in ``s`` per panel, at the batch size regressed on ``s``
+    within the panel and the panel's mean ``h``.
     """
 
     batch: np.ndarray
     mass: np.ndarray  #: M0(b)
     first_moment: np.ndarray  #: M1(b) [steps]
     l2_hits: np.ndarray  #: H(b) [sequences]
-    first_step: np.ndarray  #: smallest s with mass
-    last_step: np.ndarray  #: largest s with mass
+    first_step: np.ndarray  #: smallest s with a non-negligible share of the column
+    last_step: np.ndarray  #: largest such s
+    band_start: np.ndarray  #: first column of each band
+    node_batch: np.ndarray
     node_steps: np.ndarray
     node_weights: np.ndarray
     node_l2_hits: np.ndarray
 
 
-#: Cells and columns below this share of their column / of the measure are ignored.
+#: Cells below this share of their column are left out of its support.
 NEGLIGIBLE = 1e-15
+#: Batch sizes up to this are bands of their own; above, bands grow geometrically.
+BAND_EXACT = 32
+#: Ratio of the largest to the smallest batch size of a band above BAND_EXACT.
+BAND_RATIO = 1.1
+
+
+def band_of(batch: np.ndarray) -> np.ndarray:
+    """Band index of each batch size: ``b`` up to :data:`BAND_EXACT`, then geometric."""
+    b = np.asarray(batch, dtype=float)
+    over = np.log(np.maximum(b, BAND_EXACT) / BAND_EXACT) / np.log(BAND_RATIO)
+    return np.where(b <= BAND_EXACT, b, BAND_EXACT + np.ceil(over)).astype(np.int64)
 
 
 def _windows(n: int, survival: np.ndarray):
@@ -183,115 +212,151 @@ def _windows(n: int, survival: np.ndarray):
     return lo, hi
 
 
-def batch_measure(grid: StepGrid, n: int, factor=None, running_groups=None) -> BatchMeasure:
-    """:class:`BatchMeasure` of ``n`` sequences: ``mu_b(s) = w_s * factor_s * P(B(s) = b)``.
+def _gauss_panels(key, size, muf, sf, bf, hf):
+    """Two-point Gauss rules in ``s`` of the cells grouped by ``key`` (``size`` groups).
 
-    ``factor`` (per grid step, default 1) reweights steps, e.g. ``F(s)^N`` for
-    the batch left once one query is done.  ``running_groups`` (per grid step)
-    is ``g(s)`` for prefix sharing (``None``: no sharing).
+    From each group's mass and first four moments of ``s`` (centred): nodes
+    ``mean + sd * (k -+ r) / 2`` with ``r = sqrt(k^2 + 4)`` (``k`` the skewness),
+    weights ``mass * u2 / r`` and ``-mass * u1 / r``: exact for cubics in ``s``.
+    The batch size at a node is the group's least-squares line of ``b`` on
+    ``s``; ``h`` is the group mean.  Returns ``(batch, steps, weights, hits)``,
+    each ``(size, 2)``; empty groups get zero weight.
+    """
 
-    Cells are laid out batch by batch (steps ascending within a batch size),
-    over the binomial windows of :func:`_windows`: O(steps * window) work, no
-    sort.  Batch sizes holding less than :data:`NEGLIGIBLE` of the measure are
-    dropped, and a column's support (for the power-limit check) ignores its
-    cells below that share of the column.
+    def total(v):
+        return np.bincount(key, v, minlength=size)
+
+    p0 = total(muf)
+    filled = p0 > 0
+    safe0 = np.where(filled, p0, 1.0)
+    mean = total(muf * sf) / safe0
+    d = sf - mean[key]
+    mud = muf * d
+    var = total(mud * d) / safe0
+    third = total(mud * d * d) / safe0
+    sd = np.sqrt(np.maximum(var, 0.0))
+    skew = np.divide(third, sd**3, out=np.zeros(size), where=sd > 0)
+    r = np.sqrt(skew * skew + 4.0)
+    u1, u2 = (skew - r) / 2.0, (skew + r) / 2.0
+    steps = np.where(filled[:, None], np.stack([mean + sd * u1, mean + sd * u2], axis=1), 0.0)
+    weights = np.where(filled[:, None], np.stack([p0 * u2 / r, -p0 * u1 / r], axis=1), 0.0)
+    b_mean = total(muf * bf) / safe0
+    cov = total(mud * bf) / safe0  # E[d * b] = Cov(s, b), as E[d] = 0
+    slope = np.divide(cov, var, out=np.zeros(size), where=var > 0)
+    batch = b_mean[:, None] + slope[:, None] * (steps - mean[:, None])
+    hits = np.repeat((total(muf * hf) / safe0)[:, None], 2, axis=1)
+    return batch, steps, weights, hits
+
+
+def batch_measure(grid: StepGrid, n: int, running_groups=None) -> BatchMeasure:
+    """:class:`BatchMeasure` of ``n`` sequences: ``mu_b(s) = w_s * P(B(s) = b)``.
+
+    ``running_groups`` (per grid step) is ``g(s)`` for prefix sharing (``None``:
+    no sharing).  Cells are laid out batch by batch (steps ascending within a
+    batch size) over the binomial windows of :func:`_windows`: O(steps *
+    window) work, no sort.
     """
     surv = np.asarray(grid.survival, dtype=float)
-    weight = grid.weight if factor is None else grid.weight * np.asarray(factor, dtype=float)
     lo, hi = _windows(n, surv)
     batches = np.arange(1, n + 1)  # b = 0 runs no pass
     first = np.searchsorted(-lo, -batches, side="left")  # first step with lo <= b
     last = np.searchsorted(-hi, -batches, side="right") - 1  # last step with hi >= b
     count = np.maximum(last - first + 1, 0)
-    batches, first, count = batches[count > 0], first[count > 0], count[count > 0]
+    has = count > 0
+    batches, first, count = batches[has], first[has], count[has]
+    k = batches.size
     start = np.cumsum(count) - count
-    col = np.repeat(np.arange(batches.size), count)
-    row = first[col] + np.arange(col.size) - start[col]
+    col = np.repeat(np.arange(k), count)
+    row = np.arange(col.size) - np.repeat(start - first, count)
     bf = batches[col].astype(float)
     with np.errstate(divide="ignore"):
         log_p = np.where(surv > 0, np.log(surv), -1e300)
         log_q = np.where(surv < 1, np.log1p(-surv), -1e300)
-    muf = binomial_pmf(n, bf, log_p[row], log_q[row]) * weight[row]
+    muf = binomial_pmf(n, bf, log_p[row], log_q[row])
+    if not np.all(grid.weight == 1.0):
+        muf *= grid.weight[row]
     sf = grid.steps[row]
     if running_groups is None:
         hf = np.zeros_like(bf)
     else:
         hf = np.maximum(bf - np.asarray(running_groups, dtype=float)[row], 0.0)
-    k = batches.size
-
-    def per_col(v):
-        return np.bincount(col, v, minlength=k)
-
-    mass = per_col(muf)
-    # equal-mass panels: position of each cell's mid-mass within its column
-    # (normalised per column first, so a column's share is exact to ~k ulps)
-    share = muf / np.where(mass > 0, mass, 1.0)[col]
-    cum = np.cumsum(share)
-    u = cum - 0.5 * share - np.repeat(cum[start] - share[start], count)
-    panel = col * PANELS + np.clip((u * PANELS).astype(np.int64), 0, PANELS - 1)
-    size = k * PANELS
-
-    def per_panel(v):
-        return np.bincount(panel, v, minlength=size)
-
-    p0 = per_panel(muf)
-    filled = p0 > 0
-    safe0 = np.where(filled, p0, 1.0)
-    mean = per_panel(muf * sf) / safe0
-    d = sf - mean[panel]
-    var = per_panel(muf * d * d) / safe0
-    third = per_panel(muf * d * d * d) / safe0
-    sd = np.sqrt(np.maximum(var, 0.0))
-    skew = np.divide(third, sd**3, out=np.zeros(size), where=sd > 0)
-    # two-point Gauss rule of a standardised measure with skewness k:
-    # nodes (k -+ r) / 2, r = sqrt(k^2 + 4), weights u2 / r and -u1 / r
-    r = np.sqrt(skew * skew + 4.0)
-    u1, u2 = (skew - r) / 2.0, (skew + r) / 2.0
-    nodes = np.stack([mean + sd * u1, mean + sd * u2], axis=1)
-    weights = np.stack([p0 * u2 / r, -p0 * u1 / r], axis=1)
-    hits = np.repeat((per_panel(muf * hf) / safe0)[:, None], 2, axis=1)
+    mass = np.add.reduceat(muf, start)
     # support: first and last step of each column with a non-negligible share
     idx = np.arange(col.size)
-    big = share > NEGLIGIBLE
+    big = muf > NEGLIGIBLE * mass[col]
     lo_i = np.minimum.reduceat(np.where(big, idx, col.size), start)
     hi_i = np.maximum.reduceat(np.where(big, idx, -1), start)
-    keep = (mass > NEGLIGIBLE * mass.sum()) & (hi_i >= 0)
-    lo_i, hi_i = lo_i[keep], hi_i[keep]
-    nodes = np.where(filled[:, None], nodes, 0.0).reshape(k, 2 * PANELS)[keep]
+    # bands are runs of columns, so cells are band-major too
+    band_ids, band_col = np.unique(band_of(batches), return_inverse=True)
+    n_bands = band_ids.size
+    band_start = np.searchsorted(band_col, np.arange(n_bands))
+    cb = band_col[col]
+    cell_start = start[band_start]
+    band_mass = np.add.reduceat(muf, cell_start)
+    # equal-mass panels: position of each cell's mid-mass within its band
+    # (normalised per band first, so a band's share is exact to ~bands ulps)
+    share = muf / band_mass[cb]
+    cum = np.cumsum(share)
+    u = cum - 0.5 * share - np.repeat(cum[cell_start] - share[cell_start],
+                                      np.diff(np.append(cell_start, col.size)))
+    panel = cb * PANELS + np.clip((u * PANELS).astype(np.int64), 0, PANELS - 1)
+    nb, ns, nw, nh = _gauss_panels(panel, n_bands * PANELS, muf, sf, bf, hf)
+    shape = (n_bands, 2 * PANELS)
+    big_lo = np.minimum(lo_i, col.size - 1)
     return BatchMeasure(
-        batch=batches[keep].astype(float),
-        mass=mass[keep],
-        first_moment=per_col(muf * sf)[keep],
-        l2_hits=per_col(muf * hf)[keep],
-        first_step=sf[lo_i],
-        last_step=sf[hi_i],
-        node_steps=nodes,
-        node_weights=np.where(filled[:, None], weights, 0.0).reshape(k, 2 * PANELS)[keep],
-        node_l2_hits=hits.reshape(k, 2 * PANELS)[keep],
+        batch=batches.astype(float),
+        mass=mass,
+        first_moment=np.add.reduceat(muf * sf, start),
+        l2_hits=np.add.reduceat(muf * hf, start),
+        first_step=sf[big_lo],
+        last_step=sf[np.maximum(hi_i, 0)],
+        band_start=band_start,
+        node_batch=nb.reshape(shape),
+        node_steps=ns.reshape(shape),
+        node_weights=nw.reshape(shape),
+        node_l2_hits=nh.reshape(shape),
     )
+
+
+def query_running_share(n: int, samples: int, batch) -> np.ndarray:
+    """``1 - C(n - N, b) / C(n, b)``: P(a given query still runs | ``b`` of ``n`` sequences do).
+
+    The ``b`` running sequences are a uniform subset of the ``n``; the query's
+    ``N = samples`` are all done iff none of them is in it.  Real ``b`` (band
+    nodes) through ``lgamma``; 1 where ``b > n - N``.
+    """
+    from scipy.special import gammaln  # lazy, as in binomial_grid
+
+    b = np.asarray(batch, dtype=float)
+    free = n - samples - b  # sequences outside the query and not running
+    with np.errstate(invalid="ignore"):
+        log_r = (
+            gammaln(n - b + 1.0) - gammaln(np.maximum(free, 0.0) + 1.0)
+            - gammaln(n + 1.0) + gammaln(n - samples + 1.0)
+        )
+    return np.where(free >= 0, -np.expm1(log_r), 1.0)
 
 
 @dataclass(frozen=True)
 class DecodeExpectation:
     """What the expected decode of ``n`` random lengths needs, independent of the deployment.
 
-    ``batch``: the measure of all ``n`` sequences; ``others``: the batch left
-    once one query's ``N`` samples are all done (``n - N`` sequences, steps
-    weighted by ``F(s)^N``), ``None`` when ``n == N``.
+    ``measure`` carries the L2 hits of prefix sharing when ``N > 1``; whether
+    they apply is chosen when evaluating (:func:`expected_decode_totals`).
+    ``query_share`` / ``node_query_share``: :func:`query_running_share` per
+    column and per band node.
     """
 
     n_sequences: int
     samples_per_query: int
-    shared_prefix: bool
-    batch: BatchMeasure
-    others: BatchMeasure | None
+    measure: BatchMeasure
+    query_share: np.ndarray
+    node_query_share: np.ndarray
     decode_steps: float  #: E[longest decode] = sum_s w_s (1 - F(s)^n)
     generated_tokens: float  #: E[tokens from decode steps] = sum_s w_s E[B(s)]
 
 
-def decode_expectation(
-    survival, n_sequences: int, samples_per_query: int, shared_prefix: bool = False
-) -> DecodeExpectation:
+def decode_expectation(survival, n_sequences: int, samples_per_query: int) -> DecodeExpectation:
     """Build the :class:`DecodeExpectation` of ``n_sequences`` lengths with ``survival``.
 
     ``survival[s-1] = P(L > s)`` for ``s = 1 .. len(survival)`` (reaching near 0);
@@ -300,21 +365,16 @@ def decode_expectation(
     grid = step_grid(survival)
     n, per = int(n_sequences), int(samples_per_query)
     done = 1.0 - grid.survival
-    groups = None
-    if shared_prefix and per > 1:
-        groups = (n // per) * (1.0 - done**per)
-    batch = batch_measure(grid, n, running_groups=groups)
-    others = None
-    if n > per:
-        others = batch_measure(grid, n - per, factor=done**per, running_groups=groups)
+    groups = (n // per) * (1.0 - done**per) if per > 1 else None
+    m = batch_measure(grid, n, running_groups=groups)
     return DecodeExpectation(
         n_sequences=n,
         samples_per_query=per,
-        shared_prefix=groups is not None,
-        batch=batch,
-        others=others,
+        measure=m,
+        query_share=query_running_share(n, per, m.batch),
+        node_query_share=query_running_share(n, per, m.node_batch),
         decode_steps=float((grid.weight * (1.0 - done**n)).sum()),
-        generated_tokens=float((batch.batch * batch.mass).sum()),
+        generated_tokens=float((m.batch * m.mass).sum()),
     )
 
 
@@ -332,67 +392,85 @@ def _step_coefficients(c: PassCoefficients, b: np.ndarray):
     return t0, a_b, e0, e1 * b
 
 
-def _measure_totals(c: PassCoefficients, m: BatchMeasure, prompts: np.ndarray):
-    """``(time_s, dynamic_energy_j)`` per prompt of one measure (energy summed over GPUs).
+def _hot_pairs(c: PassCoefficients, m: BatchMeasure, coef, prompts: np.ndarray):
+    """``(prompt index, band)`` pairs where some batch size of the band may reach the limit.
 
-    Closed form over all columns, then power-limited columns re-priced by
-    their Gauss nodes (the difference added per prompt, in column order).
+    Per batch size, step power (without L2 credit, an upper bound) is over the
+    limit at context ``m = P + s`` iff ``alpha > beta * m`` with ``alpha = e0 -
+    H t0`` and ``beta = H a b - e1 b`` (``H`` the headroom over static power);
+    it is monotone in ``m``, so checking both ends of the support suffices.  A
+    per-prompt bound on the thresholds first skips prompts with no candidate.
     """
-    b = m.batch
-    t0, a_b, e0, e1_b = _step_coefficients(c, b)
-    kv_j = c.energy_per_byte_j * c.kv_bytes_per_token
-    time0 = float((t0 * m.mass + a_b * m.first_moment).sum())
-    time1 = float((a_b * m.mass).sum())
-    dyn0 = float((e0 * m.mass + e1_b * m.first_moment).sum())
-    dyn1 = float((e1_b * m.mass).sum()) - kv_j * float(m.l2_hits.sum())
-    time = time0 + prompts * time1
-    dyn = dyn0 + prompts * dyn1
-    if b.size == 0:
-        return time, c.n_gpus * dyn
-    # power-limit check at both ends of every column (no L2 credit: an upper bound)
+    t0, a_b, e0, e1_b = coef
     head = c.power_limit_w - c.static_power_w
-    p = prompts[:, None]
-    hot = np.zeros((prompts.size, b.size), dtype=bool)
+    alpha = e0 - head * t0
+    beta = head * a_b - e1_b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        limit = alpha / beta  # hot for contexts below (beta > 0) or above (beta < 0)
+    pos, neg = beta > 0, beta < 0
+    always = bool(np.any(~pos & ~neg & (alpha > 0)))
+    below = np.max(limit[pos] - m.first_step[pos], initial=-np.inf)
+    above = np.min(limit[neg] - m.last_step[neg], initial=np.inf)
+    slack = 1e-6 * (np.abs(prompts) + 1.0)
+    cand = np.flatnonzero(always | (prompts < below + slack) | (prompts > above - slack))
+    if cand.size == 0:
+        return cand, cand
+    p = prompts[cand][:, None]
+    hot = np.zeros((cand.size, m.batch.size), dtype=bool)
     for s_end in (m.first_step, m.last_step):
         ctx = p + s_end[None, :]
         hot |= e0 + e1_b * ctx > head * (t0 + a_b * ctx)
-    rows, cols = np.nonzero(hot)
-    if rows.size:
-        pk, bk = prompts[rows][:, None], b[cols][:, None]
-        ctx = bk * (pk + m.node_steps[cols])
-        cost = forward_pass(c, bk, ctx, ctx, kv_hbm_tokens=ctx - m.node_l2_hits[cols] * pk)
-        w = m.node_weights[cols]
-        pr = prompts[rows]
-        mass, first = m.mass[cols], m.first_moment[cols]
-        free_t = t0[cols] * mass + a_b[cols] * (pr * mass + first)
-        free_d = e0[cols] * mass + e1_b[cols] * (pr * mass + first) - kv_j * pr * m.l2_hits[cols]
-        dt = (w * cost.time_s).sum(axis=1) - free_t
-        dd = (w * cost.dynamic_energy_j).sum(axis=1) / c.n_gpus - free_d
-        time = time + np.bincount(rows, dt, minlength=prompts.size)
-        dyn = dyn + np.bincount(rows, dd, minlength=prompts.size)
-    return time, c.n_gpus * dyn
+    rows, bands = np.nonzero(np.logical_or.reduceat(hot, m.band_start, axis=1))
+    return cand[rows], bands
 
 
-def expected_decode_totals(c: PassCoefficients, exp: DecodeExpectation, prompt_tokens):
+def expected_decode_totals(
+    c: PassCoefficients, exp: DecodeExpectation, prompt_tokens, shared_prefix: bool = False
+):
     """Expected decode totals for every prompt length in ``prompt_tokens`` (an array).
 
     Returns ``(time_s, dynamic_energy_j, energy_j, query_time_s)`` arrays (all
     GPUs): batch time, dynamic and total energy, and the expected time until
-    one query's samples have all finished::
-
-        E[T_q] = E[T] - sum_b sum_s w_s F(s)^N P_{n-N}(B(s) = b) t(b, s)
-
-    (a query still runs at step ``s`` unless its ``N`` samples are done, in which
-    case the batch holds the other ``n - N`` sequences only).  Each prompt's
-    result depends on that prompt alone (no cross-prompt arithmetic), so one
-    prompt gives the same bits alone or in an array.
+    one query's samples have all finished (module docstring).  Closed form,
+    affine in the prompt, then bands that may reach the power limit corrected
+    by their Gauss nodes: ``sum_nodes w * (cost - cost at full clock)``.
+    ``shared_prefix``: each query's samples share its prompt's KV (L2 hits;
+    only with ``N > 1``).  Each prompt's result depends on that prompt alone
+    (no cross-prompt arithmetic), so one prompt gives the same bits alone or
+    in an array.
     """
     prompts = np.atleast_1d(np.asarray(prompt_tokens, dtype=float))
-    time, dyn = _measure_totals(c, exp.batch, prompts)
+    shared = bool(shared_prefix) and exp.samples_per_query > 1
+    m, share = exp.measure, exp.query_share
+    coef = _step_coefficients(c, m.batch)
+    t0, a_b, e0, e1_b = coef
+    kv_j = c.energy_per_byte_j * c.kv_bytes_per_token
+    l2 = float(m.l2_hits.sum()) if shared else 0.0
+    col_t0 = t0 * m.mass + a_b * m.first_moment  # column time at P = 0 ...
+    col_t1 = a_b * m.mass  # ... and its slope in P
+    time = float(col_t0.sum()) + prompts * float(col_t1.sum())
+    q_time = float((share * col_t0).sum()) + prompts * float((share * col_t1).sum())
+    dyn0 = float((e0 * m.mass + e1_b * m.first_moment).sum())
+    dyn = dyn0 + prompts * (float((e1_b * m.mass).sum()) - kv_j * l2)
+    rows, bands = _hot_pairs(c, m, coef, prompts) if m.batch.size else ([], [])
+    if len(rows):
+        pk = prompts[rows][:, None]
+        bk, sk, w = m.node_batch[bands], m.node_steps[bands], m.node_weights[bands]
+        hk = m.node_l2_hits[bands] if shared else np.zeros_like(bk)
+        ctx = bk * (pk + sk)
+        cost = forward_pass(c, bk, ctx, ctx, kv_hbm_tokens=ctx - hk * pk)
+        nt0, na_b, ne0, ne1_b = _step_coefficients(c, bk)
+        extra_t = w * (cost.time_s - (nt0 + na_b * (pk + sk)))
+        extra_d = w * (
+            cost.dynamic_energy_j / c.n_gpus - (ne0 + ne1_b * (pk + sk) - kv_j * pk * hk)
+        )
+        n_p = prompts.size
+        time = time + np.bincount(rows, extra_t.sum(axis=1), minlength=n_p)
+        q_extra = (exp.node_query_share[bands] * extra_t).sum(axis=1)
+        q_time = q_time + np.bincount(rows, q_extra, minlength=n_p)
+        dyn = dyn + np.bincount(rows, extra_d.sum(axis=1), minlength=n_p)
+    dyn = c.n_gpus * dyn
     energy = c.n_gpus * c.static_power_w * time + dyn
-    q_time = time
-    if exp.others is not None:
-        q_time = time - _measure_totals(c, exp.others, prompts)[0]
     return time, dyn, energy, q_time
 
 
@@ -409,8 +487,8 @@ def expected_decode(
     ``survival[s-1] = P(L > s)``; see :func:`expected_decode_totals`.  Returns
     ``(DecodeCost, query_time_s)``.
     """
-    exp = decode_expectation(survival, n_sequences, samples_per_query, shared_prefix)
-    time, dyn, energy, q_time = expected_decode_totals(c, exp, [prompt_tokens])
+    exp = decode_expectation(survival, n_sequences, samples_per_query)
+    time, dyn, energy, q_time = expected_decode_totals(c, exp, [prompt_tokens], shared_prefix)
     cost = DecodeCost(
         time_s=float(time[0]),
         dynamic_energy_j=float(dyn[0]),
