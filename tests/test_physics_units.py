@@ -165,3 +165,23 @@ def test_decode_draws_matches_rows():
         d = deterministic_decode(c, 100, mat[i])
         assert t[i] == pytest.approx(d.time_s, rel=1e-12)
         assert e[i] == pytest.approx(d.energy_j, rel=1e-12)
+
+
+def test_clock_scale_solves_the_power_limit_by_hand():
+    """t(s) = 1 + 2/s, E_mem = 100, E_comp = 300 (J), static 50 W, limit 150 W, gamma 1.
+
+    g(s) = 100 + 300 s - 100 (1 + 2/s) = 300 s - 200/s = 0  ->  s = sqrt(2/3).
+    A pass whose memory energy alone exceeds the headroom gets the lowest clock.
+    """
+    from ttcsim.simulator.power import MIN_CLOCK_SCALE, solve_clock_scale
+
+    def time_at(s, idx):
+        return 1.0 + 2.0 / np.asarray(s)
+
+    s = solve_clock_scale(time_at, np.array([100.0, 5000.0]), np.array([300.0, 300.0]),
+                          50.0, 150.0, 1.0)
+    assert s[0] == pytest.approx(np.sqrt(2.0 / 3.0), rel=1e-11)
+    assert s[1] == MIN_CLOCK_SCALE
+    # each pass converges on its own: alone it gives the same bits as in the array
+    alone = solve_clock_scale(time_at, np.array([100.0]), np.array([300.0]), 50.0, 150.0, 1.0)
+    assert alone[0] == s[0]

@@ -160,28 +160,25 @@ def forward_pass(
     t_fix = fixed_time_s(c, tokens) + (c.prefill_overhead_s if prefill else 0.0)
     p = c.roofline_exponent
 
-    def time_at(s, idx=None):
-        sel = (lambda v: v) if idx is None else (lambda v: v[idx])
-        return (
-            smooth_roofline(sel(t_wm), sel(t_wc) / s, p)
-            + smooth_roofline(sel(t_am), sel(t_ac) / s, p)
-            + sel(t_fix)
-        )
+    def time_at(s, parts):
+        wm, wc, am, ac, fix = parts
+        return smooth_roofline(wm, wc / s, p) + smooth_roofline(am, ac / s, p) + fix
 
     e_mem = c.energy_per_byte_j * (w_bytes + (kv_hbm + tokens) * c.kv_bytes_per_token)
     e_comp = (
         c.energy_per_linear_flop_j * tokens * c.linear_flops_per_token
         + c.energy_per_attention_flop_j * pairs * c.attention_flops_per_pair
     )
-    t = time_at(1.0)
+    t = time_at(1.0, (t_wm, t_wc, t_am, t_ac, t_fix))
     active = tokens > 0
     safe_t = np.where(active, t, 1.0)
     throttled = active & (c.static_power_w + (e_mem + e_comp) / safe_t > c.power_limit_w)
     e_dyn = e_mem + e_comp
     if throttled.any():
         idx = np.nonzero(throttled)
+        sub = tuple(v[idx] for v in (t_wm, t_wc, t_am, t_ac, t_fix))
         s = solve_clock_scale(
-            lambda x: time_at(x, idx),
+            lambda x, j: time_at(x, sub if j is None else tuple(v[j] for v in sub)),
             e_mem[idx],
             e_comp[idx],
             c.static_power_w,
@@ -194,7 +191,7 @@ def forward_pass(
         # if even the lowest clock stays over the limit (memory traffic alone too
         # costly), the limiter stretches the pass until the power is the limit
         head = max(c.power_limit_w - c.static_power_w, 1e-9)
-        t[idx] = np.maximum(time_at(s, idx), e_dyn[idx] / head)
+        t[idx] = np.maximum(time_at(s, sub), e_dyn[idx] / head)
     t = np.where(active, t, 0.0)
     e_dyn = np.where(active, e_dyn, 0.0)
     energy = c.n_gpus * (c.static_power_w * t + e_dyn)
