@@ -667,24 +667,33 @@ class _Plan:
     lengths: tuple = ()  #: the parsed output-length specs, by index
     expectations: dict = field(default_factory=dict)
     kv_lengths: dict = field(default_factory=dict)  #: (length index, n) -> KV sizing length
+    length_extremes: dict = field(default_factory=dict)  #: (length index, n) -> (min, max)
 
-    def kv_length(self, oi: np.ndarray, n: np.ndarray) -> np.ndarray:
+    def kv_length(self, oi: np.ndarray, qi: np.ndarray, si: np.ndarray) -> np.ndarray:
         """:func:`ttcsim.predict.kv_sizing_length` per row (cached per length and batch)."""
         from ttcsim.predict import kv_sizing_length
 
         out = self.max_tokens[oi].astype(float)
-        random = self.length_kind[oi] == 1
-        if random.any():
-            keys = np.stack([oi[random], n[random]], axis=1)
-            uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-            vals = np.empty(len(uniq))
-            for j, (o, m) in enumerate(uniq):
-                key = (int(o), int(m))
+        random = np.flatnonzero(self.length_kind[oi] == 1)
+        if random.size:
+            first, inv = _unique_rows((oi[random], len(self.lengths)),
+                                      (qi[random], len(self.concurrency)),
+                                      (si[random], len(self.samples)))
+            vals = np.empty(first.size)
+            for j, r in enumerate(random[first].tolist()):
+                key = (int(oi[r]), int(self.concurrency[qi[r]] * self.samples[si[r]]))
                 if key not in self.kv_lengths:
-                    self.kv_lengths[key] = kv_sizing_length(self.lengths[int(o)], int(m))
+                    self.kv_lengths[key] = kv_sizing_length(self.lengths[key[0]], key[1])
                 vals[j] = self.kv_lengths[key]
-            out[random] = vals[inv.ravel()]
+            out[random] = vals[inv]
         return out
+
+    def extremes(self, o: int, n: int) -> tuple[float, float]:
+        """:func:`~ttcsim.simulator.phases.length_extremes` of length ``o`` (cached)."""
+        key = (o, n)
+        if key not in self.length_extremes:
+            self.length_extremes[key] = length_extremes(self.lengths[o], n)
+        return self.length_extremes[key]
 
 
 def _is_vectorised(strategy: Strategy) -> bool:
@@ -869,7 +878,7 @@ class Sweeper:
         # memory and context, as in predict (integer products are exact)
         c, spec = group.c, group.spec
         max_len = plan.max_tokens[oi]
-        kv_len = plan.kv_length(oi, conc * samples)
+        kv_len = plan.kv_length(oi, qi, si)
         prompts_i = conc * np.where(prefix, 1, samples)
         kv_tokens = (prompts_i * prompt_i).astype(float) + (conc * samples).astype(float) * kv_len
         per_token = 4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
@@ -928,7 +937,7 @@ class Sweeper:
                 dec.peak_power_w[inv])
         rand = np.flatnonzero(kind == 1)
         if rand.size:
-            dec_peak[rand] = self._random_peak(c, oi[rand], n_seq[rand], prompt[rand])
+            dec_peak[rand] = self._random_peak(c, rand, (oi, qi, si, pi), n_seq, prompt)
             self._random_decode(group, rand, (oi, qi, si, pi), n_seq, samples, prompt, prefix,
                                 (dec_t, dec_d, dec_e, dec_q))
 
@@ -996,14 +1005,21 @@ class Sweeper:
         if grid.usd_per_kwh is not None:
             out["usd"][where] = kwh * grid.usd_per_kwh
 
-    def _random_peak(self, c, oi, n_seq, prompt):
-        """``decode_phase``'s peak power for random lengths, per row."""
-        ext = np.empty((oi.size, 2))
-        keys = np.stack([oi, n_seq], axis=1)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        for j, (o, n) in enumerate(uniq):
-            ext[inv.ravel() == j] = length_extremes(self.plan.lengths[int(o)], int(n))
-        return decode_peak_power_w(c, n_seq.astype(float), prompt, ext[:, 0], ext[:, 1])
+    def _random_peak(self, c, rand, digits, n_seq, prompt):
+        """``decode_phase``'s peak power for the random-length rows ``rand``.
+
+        Priced once per distinct (distribution, ``Q``, strategy, prompt).
+        """
+        plan = self.plan
+        oi, qi, si, pi = (d[rand] for d in digits)
+        first, inv = _unique_rows((oi, len(plan.lengths)), (qi, len(plan.concurrency)),
+                                  (si, len(plan.samples)), (pi, len(plan.prompt)))
+        u = rand[first]
+        ext = np.array([plan.extremes(int(o), int(n))
+                        for o, n in zip(oi[first].tolist(), n_seq[u].tolist(), strict=True)])
+        ext = ext.reshape(-1, 2)
+        peak = decode_peak_power_w(c, n_seq[u].astype(float), prompt[u], ext[:, 0], ext[:, 1])
+        return peak[inv]
 
     def _random_decode(self, group, rand, digits, n_seq, samples, prompt, prefix, outs) -> None:
         """Expected decode of the random-length rows ``rand`` (indices into the fast rows).

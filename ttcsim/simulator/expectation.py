@@ -213,7 +213,7 @@ def _windows(n: int, survival: np.ndarray):
 
 
 def _gauss_panels(key, size, muf, sf, bf, hf):
-    """Two-point Gauss rules in ``s`` of the cells grouped by ``key`` (``size`` groups).
+    """Two-point Gauss rules in ``s`` of the cells grouped by ``key`` (sorted; ``size`` groups).
 
     From each group's mass and first four moments of ``s`` (centred): nodes
     ``mean + sd * (k -+ r) / 2`` with ``r = sqrt(k^2 + 4)`` (``k`` the skewness),
@@ -223,8 +223,12 @@ def _gauss_panels(key, size, muf, sf, bf, hf):
     each ``(size, 2)``; empty groups get zero weight.
     """
 
+    starts = np.searchsorted(key, np.arange(size))  # key is sorted (cells are panel-major)
+    empty = np.diff(np.append(starts, key.size)) == 0
+    at = np.minimum(starts, key.size - 1)
+
     def total(v):
-        return np.bincount(key, v, minlength=size)
+        return np.where(empty, 0.0, np.add.reduceat(v, at))
 
     p0 = total(muf)
     filled = p0 > 0
