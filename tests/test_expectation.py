@@ -128,13 +128,17 @@ def test_the_limit_makes_a_difference_the_nodes_capture():
 def test_one_prompt_alone_gives_the_same_bits_as_in_an_array():
     survival = parse_lengths("gamma:mean=150,shape=1.5").survival_steps()
     exp = decode_expectation(survival, 48, 4)
-    prompts = np.array([16.0, 100.0, 300.0, 3000.0, 7.0])
+    prompts = np.array([16.0, 100.0, 300.0, 3000.0, 7.0, 16.0])
+    shared = np.array([True, False, True, False, True, False])
     for c in (COOL, HOT):
-        together = expected_decode_totals(c, exp, prompts, True)
+        together = expected_decode_totals(c, exp, prompts, shared)
         for i, p in enumerate(prompts):
-            alone = expected_decode_totals(c, exp, [p], True)
+            alone = expected_decode_totals(c, exp, [p], bool(shared[i]))
             for a, b in zip(alone, together, strict=True):
                 assert a[0] == b[i]
+        # sharing the prompt's KV saves HBM energy; time only where the limit binds
+        assert together[2][0] < together[2][5]
+        assert (together[0][0] == together[0][5]) == (c is COOL)
 
 
 def test_query_running_share_is_hypergeometric():

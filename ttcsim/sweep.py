@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -50,7 +51,6 @@ from ttcsim.simulator import architecture as arch
 from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
 from ttcsim.simulator.decode import segment_cost
 from ttcsim.simulator.expectation import (
-    DecodeExpectation,
     decode_expectation,
     expected_decode_totals,
 )
@@ -758,6 +758,8 @@ class Sweeper:
                     self._kv_labels.append(label)
         self._warned: set = set()
         self.slow_rows = 0
+        #: threads that build random-length expectations (numpy releases the GIL)
+        self.threads = min(2, os.cpu_count() or 1)
 
     # -- labels ---------------------------------------------------------------
 
@@ -815,16 +817,6 @@ class Sweeper:
         group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes)
         self._group_cache = (g, group)
         return group
-
-    def _expectation(self, o: int, n: int, samples: int) -> DecodeExpectation:
-        """The deployment-independent part of a random-length decode (cached per grid)."""
-        key = (o, n, samples)
-        exps = self.plan.expectations
-        hit = exps.get(key)
-        if hit is None:
-            hit = decode_expectation(self.plan.lengths[o].survival_steps(), n, samples)
-            exps[key] = hit
-        return hit
 
     # -- evaluation -----------------------------------------------------------
 
@@ -1024,31 +1016,51 @@ class Sweeper:
     def _random_decode(self, group, rand, digits, n_seq, samples, prompt, prefix, outs) -> None:
         """Expected decode of the random-length rows ``rand`` (indices into the fast rows).
 
-        Rows sharing (distribution, ``Q``, strategy, prefix sharing) are one task:
-        one :class:`~ttcsim.simulator.expectation.DecodeExpectation` (cached per
-        ``(distribution, Q*N, N)``), evaluated by the core for all the task's
-        distinct prompt lengths at once, as ``predict()`` does for one.
+        Rows sharing (distribution, ``Q``, strategy) are one task: one
+        :class:`~ttcsim.simulator.expectation.DecodeExpectation` (cached per
+        ``(distribution, Q*N, N)``, built on two threads when several are
+        missing), evaluated by the core for all the task's distinct (prompt
+        length, prefix sharing) pairs at once, as ``predict()`` does for one.
         """
         oi, qi, si, pi = (d[rand] for d in digits)
         plan = self.plan
         shared = prefix[rand] & (samples[rand] > 1)
-        task = (oi, len(plan.lengths)), (qi, len(plan.concurrency)), (si, len(plan.samples)), (
-            shared.astype(np.int64), 2)
-        first, inverse = _unique_rows(*task, (pi, len(plan.prompt)))
-        u = rand[first]  # one row per distinct (task, prompt), sorted by task
+        task = (oi, len(plan.lengths)), (qi, len(plan.concurrency)), (si, len(plan.samples))
+        first, inverse = _unique_rows(*task, (shared.astype(np.int64), 2),
+                                      (pi, len(plan.prompt)))
+        u = rand[first]  # one row per distinct (task, sharing, prompt), sorted by task
         key = np.zeros(first.size, dtype=np.int64)
         for values, bound in task:
             key = key * bound + values[first]
         cuts = np.flatnonzero(np.diff(key)) + 1
+        spans = list(zip(np.r_[0, cuts].tolist(), np.r_[cuts, first.size].tolist(), strict=True))
+        keys = [(int(oi[first[lo]]), int(n_seq[u[lo]]), int(samples[u[lo]])) for lo, _ in spans]
+        self._build_expectations(keys)
         results = tuple(np.empty(first.size) for _ in outs)
-        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, first.size].tolist(), strict=True):
-            r = u[lo]
-            exp = self._expectation(int(oi[first[lo]]), int(n_seq[r]), int(samples[r]))
-            values = expected_decode_totals(group.c, exp, prompt[u[lo:hi]], bool(shared[first[lo]]))
+        for (lo, hi), k in zip(spans, keys, strict=True):
+            exp = self.plan.expectations[k]
+            values = expected_decode_totals(group.c, exp, prompt[u[lo:hi]], shared[first[lo:hi]])
             for res, vals in zip(results, values, strict=True):
                 res[lo:hi] = vals
         for arr, res in zip(outs, results, strict=True):
             arr[rand] = res[inverse]
+
+    def _build_expectations(self, keys) -> None:
+        """Build the missing ``(distribution, n, N)`` expectations (two threads if several)."""
+        exps = self.plan.expectations
+        missing = sorted({k for k in keys if k not in exps}, key=lambda k: -k[1])
+
+        def build(k):
+            return decode_expectation(self.plan.lengths[k[0]].survival_steps(), k[1], k[2])
+
+        if len(missing) > 1 and self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.threads) as pool:
+                built = list(pool.map(build, missing))
+        else:
+            built = [build(k) for k in missing]
+        exps.update(zip(missing, built, strict=True))
 
     def _slow(self, group, rows, si, oi, ci, qi, pi, out) -> None:
         """Scenarios the kernels do not cover: one ``predict()`` call each."""

@@ -222,7 +222,6 @@ def _gauss_panels(key, size, muf, sf, bf, hf):
     ``s``; ``h`` is the group mean.  Returns ``(batch, steps, weights, hits)``,
     each ``(size, 2)``; empty groups get zero weight.
     """
-
     starts = np.searchsorted(key, np.arange(size))  # key is sorted (cells are panel-major)
     empty = np.diff(np.append(starts, key.size)) == 0
     at = np.minimum(starts, key.size - 1)
@@ -429,7 +428,7 @@ def _hot_pairs(c: PassCoefficients, m: BatchMeasure, coef, prompts: np.ndarray):
 
 
 def expected_decode_totals(
-    c: PassCoefficients, exp: DecodeExpectation, prompt_tokens, shared_prefix: bool = False
+    c: PassCoefficients, exp: DecodeExpectation, prompt_tokens, shared_prefix=False
 ):
     """Expected decode totals for every prompt length in ``prompt_tokens`` (an array).
 
@@ -438,29 +437,31 @@ def expected_decode_totals(
     one query's samples have all finished (module docstring).  Closed form,
     affine in the prompt, then bands that may reach the power limit corrected
     by their Gauss nodes: ``sum_nodes w * (cost - cost at full clock)``.
-    ``shared_prefix``: each query's samples share its prompt's KV (L2 hits;
-    only with ``N > 1``).  Each prompt's result depends on that prompt alone
-    (no cross-prompt arithmetic), so one prompt gives the same bits alone or
-    in an array.
+    ``shared_prefix`` (a bool, or one per prompt): each query's samples share
+    its prompt's KV (L2 hits; only with ``N > 1``).  Each prompt's result
+    depends on that prompt and its flag alone (no cross-prompt arithmetic), so
+    one prompt gives the same bits alone or in an array.
     """
     prompts = np.atleast_1d(np.asarray(prompt_tokens, dtype=float))
-    shared = bool(shared_prefix) and exp.samples_per_query > 1
+    shared = np.broadcast_to(np.asarray(shared_prefix, dtype=bool), prompts.shape)
+    shared = shared & (exp.samples_per_query > 1)
     m, share = exp.measure, exp.query_share
     coef = _step_coefficients(c, m.batch)
     t0, a_b, e0, e1_b = coef
     kv_j = c.energy_per_byte_j * c.kv_bytes_per_token
-    l2 = float(m.l2_hits.sum()) if shared else 0.0
     col_t0 = t0 * m.mass + a_b * m.first_moment  # column time at P = 0 ...
     col_t1 = a_b * m.mass  # ... and its slope in P
     time = float(col_t0.sum()) + prompts * float(col_t1.sum())
     q_time = float((share * col_t0).sum()) + prompts * float((share * col_t1).sum())
     dyn0 = float((e0 * m.mass + e1_b * m.first_moment).sum())
-    dyn = dyn0 + prompts * (float((e1_b * m.mass).sum()) - kv_j * l2)
+    dyn1 = float((e1_b * m.mass).sum())
+    dyn1_shared = dyn1 - kv_j * float(m.l2_hits.sum())
+    dyn = dyn0 + prompts * np.where(shared, dyn1_shared, dyn1)
     rows, bands = _hot_pairs(c, m, coef, prompts) if m.batch.size else ([], [])
     if len(rows):
         pk = prompts[rows][:, None]
         bk, sk, w = m.node_batch[bands], m.node_steps[bands], m.node_weights[bands]
-        hk = m.node_l2_hits[bands] if shared else np.zeros_like(bk)
+        hk = m.node_l2_hits[bands] * shared[rows][:, None]
         ctx = bk * (pk + sk)
         cost = forward_pass(c, bk, ctx, ctx, kv_hbm_tokens=ctx - hk * pk)
         nt0, na_b, ne0, ne1_b = _step_coefficients(c, bk)
