@@ -60,6 +60,8 @@ number of running queries).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -381,6 +383,31 @@ def decode_expectation(survival, n_sequences: int, samples_per_query: int) -> De
     )
 
 
+#: Expectations kept by :func:`cached_decode_expectation` (each is O(n) floats).
+CACHE_ENTRIES = 128
+_CACHE: OrderedDict = OrderedDict()
+
+
+def cached_decode_expectation(survival, n_sequences: int, samples_per_query: int):
+    """:func:`decode_expectation`, remembered for the last :data:`CACHE_ENTRIES` inputs.
+
+    Keyed by a digest of the survival values, so repeated ``predict()`` calls
+    with one length distribution (curves, plans, loops) build it once.
+    """
+    surv = np.ascontiguousarray(survival, dtype=float)
+    key = (hashlib.blake2b(surv.tobytes(), digest_size=16).digest(), surv.size,
+           int(n_sequences), int(samples_per_query))
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = decode_expectation(surv, n_sequences, samples_per_query)
+        _CACHE[key] = hit
+        while len(_CACHE) > CACHE_ENTRIES:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit
+
+
 def _step_coefficients(c: PassCoefficients, b: np.ndarray):
     """``(t0, a*b, e0, e1*b)`` of a decode step with batch ``b`` at full clock (per GPU)."""
     t0 = linear_time_s(c, b) + fixed_time_s(c, b)
@@ -492,7 +519,7 @@ def expected_decode(
     ``survival[s-1] = P(L > s)``; see :func:`expected_decode_totals`.  Returns
     ``(DecodeCost, query_time_s)``.
     """
-    exp = decode_expectation(survival, n_sequences, samples_per_query)
+    exp = cached_decode_expectation(survival, n_sequences, samples_per_query)
     time, dyn, energy, q_time = expected_decode_totals(c, exp, [prompt_tokens], shared_prefix)
     cost = DecodeCost(
         time_s=float(time[0]),
