@@ -22,6 +22,7 @@ from ttcsim.simulator.expectation import (
     expected_decode,
     expected_decode_totals,
     query_running_share,
+    reference_decode_totals,
     step_grid,
 )
 from ttcsim.simulator.roofline import forward_pass
@@ -35,34 +36,13 @@ HOT = pass_coefficients(
 
 
 def brute_force(c, prompt, survival, n, samples, shared=False):
-    """The definition, summed cell by cell over the whole binomial support."""
+    """The definition summed cell by cell, and whether any cell is power-limited."""
     g = step_grid(survival)
     b = np.arange(n + 1, dtype=float)[None, :]
-    pmf = stats.binom.pmf(b, n, g.survival[:, None]) * g.weight[:, None]
     ctx = b * (prompt + g.steps[:, None])
-    hbm = ctx
-    if shared and samples > 1:
-        groups = (n // samples) * (1.0 - (1.0 - g.survival) ** samples)
-        hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt
-    cost = forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx, kv_hbm_tokens=hbm)
-    time = (pmf * cost.time_s).sum()
-    energy = (pmf * cost.energy_j).sum()
-    q_time = time
-    if n > samples:
-        bo = np.arange(n - samples + 1, dtype=float)[None, :]
-        done = (1.0 - g.survival) ** samples
-        pmf_o = stats.binom.pmf(bo, n - samples, g.survival[:, None])
-        pmf_o = pmf_o * (g.weight * done)[:, None]
-        ctx_o = bo * (prompt + g.steps[:, None])
-        hbm_o = ctx_o
-        if shared and samples > 1:
-            hbm_o = ctx_o - np.maximum(bo - groups[:, None], 0.0) * prompt
-        cost_o = forward_pass(
-            c, np.broadcast_to(bo, ctx_o.shape), ctx_o, ctx_o, kv_hbm_tokens=hbm_o
-        )
-        q_time = time - (pmf_o * cost_o.time_s).sum()
-    tokens = (pmf * b).sum()
-    return time, energy, q_time, tokens, cost.throttled.any()
+    throttled = forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx).throttled.any()
+    t, e, q, tokens = reference_decode_totals(c, prompt, survival, n, samples, shared)
+    return t, e, q, tokens, throttled
 
 
 def test_one_sequence_by_hand():

@@ -529,3 +529,45 @@ def expected_decode(
         generated_tokens=exp.generated_tokens,
     )
     return cost, float(q_time[0])
+
+
+def reference_decode_totals(
+    c: PassCoefficients,
+    prompt_tokens: float,
+    survival,
+    n_sequences: int,
+    samples_per_query: int,
+    shared_prefix: bool = False,
+):
+    """The definition, summed cell by cell: ``sum_s w_s sum_b P(B(s) = b) cost(b, s)``.
+
+    Every ``(step, batch)`` cell of the whole binomial support ``b = 0..n`` is
+    priced by :func:`~ttcsim.simulator.roofline.forward_pass`: O(steps * n)
+    work and memory, for checking :func:`expected_decode_totals` (tests,
+    ``bench/bench_expectation.py``), not for use.  The query's wait uses the
+    second grid, ``E[T] - sum_s F(s)^N sum_b P_{n-N}(B(s) = b) t(b, s)``.
+    Returns ``(time_s, energy_j, query_time_s, generated_tokens)``.
+    """
+    from scipy import stats
+
+    g = step_grid(survival)
+    n, per = int(n_sequences), int(samples_per_query)
+    groups = (n // per) * (1.0 - (1.0 - g.survival) ** per)
+
+    def priced(m: int, weight):
+        b = np.arange(m + 1, dtype=float)[None, :]
+        pmf = stats.binom.pmf(b, m, g.survival[:, None]) * weight[:, None]
+        ctx = b * (prompt_tokens + g.steps[:, None])
+        hbm = ctx
+        if shared_prefix and per > 1:
+            hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt_tokens
+        cost = forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx, kv_hbm_tokens=hbm)
+        return b, pmf, cost
+
+    b, pmf, cost = priced(n, g.weight)
+    time = float((pmf * cost.time_s).sum())
+    q_time = time
+    if n > per:
+        _, pmf_o, cost_o = priced(n - per, g.weight * (1.0 - g.survival) ** per)
+        q_time = time - float((pmf_o * cost_o.time_s).sum())
+    return time, float((pmf * cost.energy_j).sum()), q_time, float((pmf * b).sum())
