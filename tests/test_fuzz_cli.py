@@ -710,19 +710,18 @@ def test_sweep_grids_dry_run(work, grid):
     path = work / "grid.yaml"
     path.write_text(_dump_yaml(grid), encoding="utf-8")
     r = invoke("sweep", str(path), f"--out={work / 'sweep.csv'}", "--dry-run")
-    # known gap (test_sweep_grid_names_file_for_unknown_names): names resolved by
-    # get_profile/get_model/parse_strategy are reported with their CLI option, not the file
-    check_outcome(r, str(path), "--hw", "--model", "--strategy")
+    check_outcome(r, str(path))
 
 
-@pytest.mark.xfail(reason="sweep.py: unknown hw/model names in a grid are reported as '--hw: ...' "
-                   "without the grid file and key", strict=False)  # fmt: skip
-def test_sweep_grid_names_file_for_unknown_names(tmp_path):
+@pytest.mark.parametrize("key,value", [("hw", "h900"), ("model", "9000b"),
+                                       ("strategy", "vote0x"), ("reward_model", "9000b")])
+def test_sweep_grid_names_file_and_key_for_unknown_names(tmp_path, key, value):
     pytest.importorskip("ttcsim.sweep")
     grid = tmp_path / "g.yaml"
-    grid.write_text("hw: [h900]\n")
+    grid.write_text(f"{key}: [{value}]\n")
     r = invoke("sweep", str(grid), f"--out={tmp_path / 'o.csv'}", "--dry-run")
-    check_outcome(r, str(grid))
+    line = check_outcome(r, f"{grid}: {key}")
+    assert line is not None and value in line and "--" not in line
 
 
 @fuzz("gpu_commands")

@@ -209,6 +209,10 @@ def test_grid_ranges_families_and_row_order():
         ({"prefix_cache": "yes"}, "true or false"),
         ({"pue": 9}, "[1, 5]"),
         ({"tp": []}, "empty list"),
+        ({"prompt_tokens": {"start": 1, "stop": 10**30, "step": 1}}, "at most"),
+        ({"prompt_tokens": {"start": 0, "stop": 100, "factor": 2}}, "start >= 1"),
+        ({"prompt_tokens": {"start": 1, "stop": 10**9, "factor": 1.0000001}}, "at most"),
+        ({"prompt_tokens": {"start": 1, "stop": 10, "factor": "x"}}, "factor must be"),
     ],
 )
 def test_bad_grids_are_one_line_errors(bad, where):

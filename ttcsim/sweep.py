@@ -117,11 +117,19 @@ def _expand_range(spec: Mapping, where: str) -> list[int]:
         step = _whole(spec["step"], where)
         if step < 1:
             raise TtcsimError("step must be >= 1", where)
+        if (stop - start) // step >= MAX_RANGE_VALUES:
+            raise TtcsimError(f"a range may hold at most {MAX_RANGE_VALUES:,} values", where)
         values = list(range(start, stop + 1, step))
     elif "factor" in spec:
-        factor = float(spec["factor"])
-        if not factor > 1:
-            raise TtcsimError("factor must be > 1", where)
+        factor = spec["factor"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            math.isfinite(factor) and factor > 1
+        ):
+            raise TtcsimError(f"factor must be a number > 1, got {factor!r}", where)
+        if start < 1:
+            raise TtcsimError("a geometric range needs start >= 1", where)
+        if math.log(stop / start) / math.log(factor) >= MAX_RANGE_VALUES:
+            raise TtcsimError(f"a range may hold at most {MAX_RANGE_VALUES:,} values", where)
         values, v = [], float(start)
         while round(v) <= stop:
             if not values or round(v) != values[-1]:
@@ -239,9 +247,20 @@ class Grid:
         def where(axis: str) -> str:
             return f"{source}: {axis}"
 
-        profiles = [get_profile(v) for v in _as_list(raw["hw"], where("hw"))]
+        def resolve(axis: str, fn, value):
+            """``fn(value)``, its error re-addressed from the CLI option to the grid key."""
+            try:
+                return fn(value)
+            except TtcsimError as exc:
+                message = str(exc)
+                if exc.where and message.startswith(f"{exc.where}: "):
+                    message = message[len(exc.where) + 2 :]
+                raise TtcsimError(message, where(axis)) from None
+
+        profiles = [resolve("hw", get_profile, v) for v in _as_list(raw["hw"], where("hw"))]
         axes["hw"], labels["hw"] = tuple(profiles), tuple(p.name for p in profiles)
-        specs = [get_model(v) for v in _as_list(raw["model"], where("model"))]
+        specs = [resolve("model", get_model, v)
+                 for v in _as_list(raw["model"], where("model"))]
         axes["model"], labels["model"] = tuple(specs), tuple(s.name for s in specs)
         wdt = [str(v) for v in _as_list(raw["weight_dtype"], where("weight_dtype"))]
         for dt in wdt:
@@ -276,12 +295,12 @@ class Grid:
             raw["reward_model"], where("reward_model"))]
         for rm in rms:
             if rm is not None:
-                get_model(rm)
+                resolve("reward_model", get_model, rm)
         axes["reward_model"] = tuple(rms)
         labels["reward_model"] = tuple("" if r is None else r for r in rms)
         strategies = []
         for spec in _strategy_items(raw["strategy"], where("strategy")):
-            strategies.append(parse_strategy(spec))
+            strategies.append(resolve("strategy", parse_strategy, spec))
         axes["strategy"] = tuple(strategies)
         labels["strategy"] = tuple(s.spec for s in strategies)
         lengths = []
