@@ -358,4 +358,22 @@ def test_sweep_cli_plot_draws_the_table(tmp_path):
     r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(out), "--force",
                                   "--plot", str(png), "--y", "no_such_column"])
     assert r.exit_code == 2 and "cannot plot" in r.output
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(out), "--force",
+                                  "--plot", str(png), "--y", "hw"])
+    assert r.exit_code == 2 and "not numeric" in r.output
+
+
+def test_sweep_plot_places_length_labels_that_are_not_numbers(tmp_path):
+    """The default x axis (output_tokens_spec) mixing fixed lengths and distributions."""
+    from click.testing import CliRunner
+
+    from ttcsim.cli import main
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("hw: h100\nmodel: 1b\nstrategy: [single, vote4]\n"
+                    "output_tokens: [512, 'lognormal:median=200,sigma=0.5,max=1024', 128]\n")
+    out, png = tmp_path / "r.csv", tmp_path / "r.png"
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -87,15 +87,31 @@ def plot_sweep(frame, path: str | Path, x: str, y: str, color: str) -> Path:
     Scenarios that differ in other axes are summarised per ``x``: the line is
     their median, the band spans min to max.  Rows that do not fit are left out.
     """
+    import pandas as pd
+
     plt = _pyplot()
     path = Path(path)
     ok = frame[frame["fits"].astype(bool)] if "fits" in frame else frame
+    labels = None
+    if not pd.api.types.is_numeric_dtype(ok[x]):
+        # labels such as output_tokens_spec mixing "1024" and "lognormal:...": one
+        # evenly spaced position each, numbers first in order, then the others as met
+        values = [str(v) for v in pd.unique(ok[x])]
+        number = pd.to_numeric(pd.Series(values), errors="coerce")
+        labels = [v for _, v in sorted(zip(number[number.notna()], np.array(values)[
+            number.notna().to_numpy()], strict=True))] + [
+            v for v, n in zip(values, number, strict=True) if n != n]
+        ok = ok.assign(**{x: ok[x].astype(str).map({v: i for i, v in enumerate(labels)})})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for key, part in ok.groupby(color, sort=True):
         stats = part.groupby(x)[y].agg(["median", "min", "max"]).sort_index()
         ax.plot(stats.index, stats["median"], marker="o", ms=3.5, lw=1.6, label=str(key))
         ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
-    ax.set_xscale(_log_if_wide(ok[x]))
+    if labels is None:
+        ax.set_xscale(_log_if_wide(ok[x]))
+    else:
+        short = [v if len(v) <= 24 else v[:23] + "…" for v in labels]
+        ax.set_xticks(range(len(labels)), short, rotation=20, ha="right", fontsize=8)
     ax.set_yscale(_log_if_wide(ok[y]))
     from matplotlib.ticker import NullFormatter
 

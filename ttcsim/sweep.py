@@ -1336,8 +1336,10 @@ def plot_table(table_path, plot_path, x: str, y: str, color: str):
             frame = pd.read_csv(table_path, usecols=columns)
     except (ValueError, KeyError) as exc:
         raise TtcsimError(f"cannot plot: {exc}", "--plot") from None
-    if frame[x].dtype == object:  # e.g. output_tokens_spec: numeric where it can be
+    if not pd.api.types.is_numeric_dtype(frame[x]):  # e.g. output_tokens_spec
         numeric = pd.to_numeric(frame[x], errors="coerce")
         if numeric.notna().all():
             frame[x] = numeric
+    if not pd.api.types.is_numeric_dtype(frame[y]):
+        raise TtcsimError(f"column {y!r} is not numeric; choose a result column", "--y")
     return plot_sweep(frame, plot_path, x, y, color)
