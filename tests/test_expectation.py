@@ -154,3 +154,20 @@ def test_measure_moments_and_gauss_nodes():
         quad = (m.node_weights * m.node_steps**k).sum(axis=1)
         np.testing.assert_allclose(quad, exact, rtol=1e-8)
     assert np.all(m.first_step <= m.last_step)
+
+
+@pytest.mark.parametrize("survival", [np.zeros(5), np.array([1.0, 1.0, 0.0]), np.ones(3),
+                                      np.array([1e-300, 0.0])])
+@pytest.mark.parametrize("n,samples", [(1, 1), (4, 4), (8, 2), (300, 3)])
+def test_degenerate_lengths_match_the_definition_without_warnings(survival, n, samples):
+    """Every length 1 (no decode step), every length fixed, vanishing survival."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cost, q_time = expected_decode(COOL, 100.0, survival, n, samples, True)
+    t, e, q, tokens = reference_decode_totals(COOL, 100.0, survival, n, samples, True)
+    assert cost.time_s == pytest.approx(t, rel=1e-9, abs=1e-300)
+    assert cost.energy_j == pytest.approx(e, rel=1e-9, abs=1e-300)
+    assert q_time == pytest.approx(q, rel=1e-9, abs=1e-300)
+    assert cost.generated_tokens == pytest.approx(tokens, rel=1e-9, abs=1e-300)

@@ -300,7 +300,7 @@ def batch_measure(grid: StepGrid, n: int, running_groups=None) -> BatchMeasure:
     band_mass = np.add.reduceat(muf, cell_start)
     # equal-mass panels: position of each cell's mid-mass within its band
     # (normalised per band first, so a band's share is exact to ~bands ulps)
-    share = muf / band_mass[cb]
+    share = muf / np.where(band_mass > 0, band_mass, 1.0)[cb]  # empty bands: zero weight
     cum = np.cumsum(share)
     u = cum - 0.5 * share - np.repeat(cum[cell_start] - share[cell_start],
                                       np.diff(np.append(cell_start, col.size)))
