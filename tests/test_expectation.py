@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LLAMA_8B, make_profile
+from conftest import LLAMA_8B, bounded_settings, make_profile
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats
 
 from ttcsim.distributions import parse_lengths
@@ -170,4 +172,27 @@ def test_degenerate_lengths_match_the_definition_without_warnings(survival, n, s
     assert cost.time_s == pytest.approx(t, rel=1e-9, abs=1e-300)
     assert cost.energy_j == pytest.approx(e, rel=1e-9, abs=1e-300)
     assert q_time == pytest.approx(q, rel=1e-9, abs=1e-300)
+    assert cost.generated_tokens == pytest.approx(tokens, rel=1e-9, abs=1e-300)
+
+
+@bounded_settings(40)
+@given(
+    hazards=st.lists(st.floats(0.0, 0.2), min_size=1, max_size=300),
+    n=st.integers(1, 160),
+    samples=st.sampled_from([1, 2, 4, 8]),
+    prompt=st.sampled_from([1.0, 37.0, 2048.0]),
+    shared=st.booleans(),
+    hot=st.booleans(),
+)
+def test_any_survival_function_matches_the_definition(hazards, n, samples, prompt, shared, hot):
+    """Random non-increasing survival functions (per-step hazards), any n and N."""
+    survival = np.cumprod(1.0 - np.asarray(hazards))
+    n = max(samples, n - n % samples)  # whole queries
+    c = HOT if hot else COOL
+    cost, q_time = expected_decode(c, prompt, survival, n, samples, shared)
+    t, e, q, tokens = reference_decode_totals(c, prompt, survival, n, samples, shared)
+    rel = 1e-4 if hot else 1e-9
+    assert cost.time_s == pytest.approx(t, rel=rel, abs=1e-300)
+    assert cost.energy_j == pytest.approx(e, rel=rel, abs=1e-300)
+    assert q_time == pytest.approx(q, rel=rel, abs=1e-300)
     assert cost.generated_tokens == pytest.approx(tokens, rel=1e-9, abs=1e-300)
