@@ -239,15 +239,18 @@ def _gauss_panels(key, size, muf, sf, bf, hf):
     mud = muf * d
     var = total(mud * d) / safe0
     third = total(mud * d * d) / safe0
-    sd = np.sqrt(np.maximum(var, 0.0))
-    skew = np.divide(third, sd**3, out=np.zeros(size), where=sd > 0)
+    # a group at one step (spread at rounding level) is a point mass: no skew, no slope
+    spread = var > (1e-9 * np.maximum(np.abs(mean), 1.0)) ** 2
+    var = np.where(spread, var, 0.0)
+    sd = np.sqrt(var)
+    skew = np.divide(third, sd**3, out=np.zeros(size), where=spread)
     r = np.sqrt(skew * skew + 4.0)
     u1, u2 = (skew - r) / 2.0, (skew + r) / 2.0
     steps = np.where(filled[:, None], np.stack([mean + sd * u1, mean + sd * u2], axis=1), 0.0)
     weights = np.where(filled[:, None], np.stack([p0 * u2 / r, -p0 * u1 / r], axis=1), 0.0)
     b_mean = total(muf * bf) / safe0
     cov = total(mud * bf) / safe0  # E[d * b] = Cov(s, b), as E[d] = 0
-    slope = np.divide(cov, var, out=np.zeros(size), where=var > 0)
+    slope = np.divide(cov, var, out=np.zeros(size), where=spread)
     batch = b_mean[:, None] + slope[:, None] * (steps - mean[:, None])
     hits = np.repeat((total(muf * hf) / safe0)[:, None], 2, axis=1)
     return batch, steps, weights, hits
