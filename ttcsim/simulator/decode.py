@@ -53,6 +53,33 @@ class DecodeCost:
     generated_tokens: float  #: tokens produced by decode steps (excludes prefill's first)
 
 
+def step_coefficients(c: PassCoefficients, batch, l2_hit_tokens=0.0):
+    """``(t0, a, e0, e1)`` of a decode step with batch ``b`` at full clock, per GPU.
+
+    With ``x = b * (P + s)`` cached tokens read (one query token per sequence)::
+
+        t(x) = t0 + a * x                     t0 = rl(weights, GEMM) + fixed      [s]
+        E_dyn(x) = e0 + e1 * x                e0 = e_B (W(b) + (b - h) b_kv) + e_F b F_lin,
+                                              e1 = e_B b_kv + e_A f_attn          [J]
+
+    ``a`` is :func:`~ttcsim.simulator.roofline.attention_time_per_pair_s` at ``b``
+    sequences; ``h = l2_hit_tokens`` are cached tokens read from L2 instead of
+    HBM (prefix sharing: energy only).  Arrays broadcast.
+    """
+    b = np.asarray(batch, dtype=float)
+    a = attention_time_per_pair_s(c, b)
+    t0 = linear_time_s(c, b) + fixed_time_s(c, b)
+    e0 = (
+        c.energy_per_byte_j
+        * (weight_bytes_read(c, b) + (b - l2_hit_tokens) * c.kv_bytes_per_token)
+        + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
+    )
+    e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
+        c.energy_per_attention_flop_j * c.attention_flops_per_pair
+    )
+    return t0, a, e0, e1
+
+
 def _affine_sum(f0, df, k_lo, k_hi):
     """``sum_{k=k_lo}^{k_hi-1} (f0 + df * k)`` (0 where ``k_hi <= k_lo``)."""
     m = np.maximum(k_hi - k_lo, 0.0)
@@ -102,16 +129,8 @@ def segment_cost(
     b, ctx0, n, p_sh, g = (v.reshape(-1) for v in (b, ctx0, n, p_sh, g))
     x0 = b * ctx0
     dx = b
-    a = attention_time_per_pair_s(c, b)
-    t0 = linear_time_s(c, b) + fixed_time_s(c, b)
     l2_hits = np.maximum(b - g, 0.0) * p_sh  # shared-prefix reads served by L2
-    e0 = (
-        c.energy_per_byte_j * (weight_bytes_read(c, b) + (b - l2_hits) * c.kv_bytes_per_token)
-        + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
-    )
-    e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
-        c.energy_per_attention_flop_j * c.attention_flops_per_pair
-    )
+    t0, a, e0, e1 = step_coefficients(c, b, l2_hits)
     sum_k = n * (n - 1.0) / 2.0
     time = n * (t0 + a * x0) + a * dx * sum_k
     e_dyn = n * (e0 + e1 * x0) + e1 * dx * sum_k

@@ -69,14 +69,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttcsim.simulator.coefficients import PassCoefficients
-from ttcsim.simulator.decode import DecodeCost
-from ttcsim.simulator.roofline import (
-    attention_time_per_pair_s,
-    fixed_time_s,
-    forward_pass,
-    linear_time_s,
-    weight_bytes_read,
-)
+from ttcsim.simulator.decode import DecodeCost, step_coefficients
+from ttcsim.simulator.roofline import forward_pass
 
 #: Step grids longer than this are integrated in blocks (see :func:`step_grid`).
 MAX_EXACT_STEPS = 16384
@@ -414,17 +408,13 @@ def cached_decode_expectation(survival, n_sequences: int, samples_per_query: int
 
 
 def _step_coefficients(c: PassCoefficients, b: np.ndarray):
-    """``(t0, a*b, e0, e1*b)`` of a decode step with batch ``b`` at full clock (per GPU)."""
-    t0 = linear_time_s(c, b) + fixed_time_s(c, b)
-    a_b = attention_time_per_pair_s(c, b) * b
-    e0 = (
-        c.energy_per_byte_j * (weight_bytes_read(c, b) + b * c.kv_bytes_per_token)
-        + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
-    )
-    e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
-        c.energy_per_attention_flop_j * c.attention_flops_per_pair
-    )
-    return t0, a_b, e0, e1 * b
+    """``(t0, a*b, e0, e1*b)`` of a decode step with batch ``b`` at full clock (per GPU).
+
+    :func:`~ttcsim.simulator.decode.step_coefficients` with the batch folded
+    into the slopes, which are then per unit of ``P + s``.
+    """
+    t0, a, e0, e1 = step_coefficients(c, b)
+    return t0, a * b, e0, e1 * b
 
 
 def _hot_pairs(c: PassCoefficients, m: BatchMeasure, coef, prompts: np.ndarray):
