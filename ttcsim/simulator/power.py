@@ -88,22 +88,7 @@ def solve_clock_scale(time_at, mem_energy_j, comp_energy_j, static_power_w, limi
     return out
 
 
-def pass_energy_j(time_s, dynamic_energy_j, static_power_w):
-    """Energy of one GPU over a pass: ``P_static * t + E_dyn`` [J]."""
-    return static_power_w * time_s + dynamic_energy_j
-
-
 def average_power_w(energy_j, time_s):
     """``E / t`` [W]; 0 where ``t`` is 0."""
     t = np.asarray(time_s, dtype=float)
     return np.divide(energy_j, t, out=np.zeros(np.broadcast(energy_j, t).shape), where=t > 0)
-
-
-def throttled_time_s(time_s, dynamic_energy_j, static_power_w, power_limit_w):
-    """Time stretched to the power limit at fixed energy: ``max(t, E_dyn / (P_max - P_static))``.
-
-    The ``gamma = 0`` special case of the throttle (no voltage scaling); kept for
-    models that mix work inside one pass.  :func:`solve_clock_scale` is the full one.
-    """
-    headroom_w = np.maximum(np.asarray(power_limit_w) - static_power_w, 1e-9)
-    return np.maximum(time_s, dynamic_energy_j / headroom_w)
