@@ -22,8 +22,6 @@ import json
 import statistics
 import time
 
-import numpy as np
-
 DEPLOYMENTS = [("h100", "1b", 1), ("h100", "8b", 1), ("h100", "70b", 4), ("a100", "8b", 1),
                ("h200", "qwen3-30b-a3b", 1), ("l40s", "8b", 1)]
 LENGTHS = [
@@ -50,7 +48,6 @@ def main() -> None:
         expected_decode_totals,
         reference_decode_totals,
     )
-    from ttcsim.simulator.roofline import forward_pass
 
     rows = []
     survivals = {spec: parse_lengths(spec).survival_steps() for spec in LENGTHS}
@@ -68,12 +65,9 @@ def main() -> None:
         t, _, e, q = expected_decode_totals(c, exp, [prompt], shared)
         fast_s = time.perf_counter() - start
         start = time.perf_counter()
-        rt, re_, rq, _ = reference_decode_totals(c, prompt, survivals[spec], n, per, shared)
+        rt, re_, rq, _, limited = reference_decode_totals(
+            c, prompt, survivals[spec], n, per, shared)
         ref_s = time.perf_counter() - start
-        b = np.arange(n + 1, dtype=float)[None, :]
-        steps = np.arange(1, survivals[spec].size + 1, dtype=float)[:, None]
-        ctx = b * (prompt + steps)
-        limited = bool(forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx).throttled.any())
         rows.append({
             "hw": hw, "model": model, "lengths": spec, "n": n, "samples": per,
             "shared": shared, "prompt": prompt, "power_limited": limited,

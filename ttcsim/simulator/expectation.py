@@ -65,6 +65,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -526,6 +527,20 @@ def expected_decode(
     return cost, float(q_time[0])
 
 
+class ReferenceTotals(NamedTuple):
+    """What :func:`reference_decode_totals` returns.
+
+    Expected totals, and whether any cell of the grid (any step and batch size,
+    L2 credit included) is power-limited.
+    """
+
+    time_s: float
+    energy_j: float
+    query_time_s: float
+    generated_tokens: float
+    power_limited: bool
+
+
 def reference_decode_totals(
     c: PassCoefficients,
     prompt_tokens: float,
@@ -541,7 +556,7 @@ def reference_decode_totals(
     work and memory, for checking :func:`expected_decode_totals` (tests,
     ``bench/bench_expectation.py``), not for use.  The query's wait uses the
     second grid, ``E[T] - sum_s F(s)^N sum_b P_{n-N}(B(s) = b) t(b, s)``.
-    Returns ``(time_s, energy_j, query_time_s, generated_tokens)``.
+    Returns a :class:`ReferenceTotals`.
     """
     from scipy import stats
 
@@ -565,4 +580,10 @@ def reference_decode_totals(
     if n > per:
         _, pmf_o, cost_o = priced(n - per, g.weight * (1.0 - g.survival) ** per)
         q_time = time - float((pmf_o * cost_o.time_s).sum())
-    return time, float((pmf * cost.energy_j).sum()), q_time, float((pmf * b).sum())
+    return ReferenceTotals(
+        time_s=time,
+        energy_j=float((pmf * cost.energy_j).sum()),
+        query_time_s=q_time,
+        generated_tokens=float((pmf * b).sum()),
+        power_limited=bool(cost.throttled.any()),
+    )
