@@ -377,3 +377,13 @@ def test_sweep_plot_places_length_labels_that_are_not_numbers(tmp_path):
     assert r.exit_code == 0, r.output
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_grid_file_with_a_key_twice_is_refused_at_its_line(tmp_path):
+    """As for profiles: plain YAML would keep the last ``hw:`` and drop an axis silently."""
+    from ttcsim.sweep import load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("hw: [h100]\nmodel: 8b\nhw: [a100]\n")
+    with pytest.raises(TtcsimError, match=r"g\.yaml:3: invalid YAML .*duplicate key 'hw'"):
+        load_grid(grid)

@@ -282,6 +282,7 @@ def test_deepseek_table_matches_paper():
         ),
         (('max=2048"', 'max=x"'), 7, "output_tokens"),
         (("rows:\n", "rows:\n  - [1, 2\n"), 11, "invalid YAML"),
+        (("rows:\n", "name: again\nrows:\n"), 9, "duplicate key 'name'"),
     ],
 )
 def test_errors_name_file_and_line(tmp_path, edit, line, match):

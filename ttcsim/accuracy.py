@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ttcsim.distributions import ABSOLUTE_MAX_TOKENS, LengthSpec, parse_lengths
 from ttcsim.errors import TtcsimError, UnknownNameError
+from ttcsim.io import parse_yaml
 from ttcsim.units import DTYPE_BYTES
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -229,13 +230,8 @@ def _build_table(header: dict, raw_rows: list, label: str, top_lines, default_li
 
 def parse_yaml_table(text: str, label: str) -> AccuracyTable:
     """Validate a YAML table; ``label`` (the file name) prefixes error locations."""
-    try:
-        data = yaml.safe_load(text)
-        top_lines, default_lines, row_lines = _yaml_lines(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{label}:{mark.line + 1}" if mark else label
-        raise TtcsimError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where) from None
+    data = parse_yaml(text, label)
+    top_lines, default_lines, row_lines = _yaml_lines(text)  # parses, as data did
     if not isinstance(data, dict):
         raise TtcsimError("an accuracy table must be a YAML mapping with rows:", label)
     raw_rows = data.pop("rows", None)

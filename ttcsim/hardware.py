@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ttcsim.errors import TtcsimError, UnknownNameError
-from ttcsim.io import load_yaml
+from ttcsim.io import parse_yaml
 
 #: Unknown keys, mutation and NaN/inf are all refused.
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -294,15 +294,7 @@ def load_profile_file(path: str | Path) -> HardwareProfile:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TtcsimError(f"cannot read profile: {exc}", str(path)) from None
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise TtcsimError(f"invalid YAML ({problem})", where) from None
-    except RecursionError:
-        raise TtcsimError("invalid YAML (nested too deeply)", str(path)) from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise TtcsimError("a profile must be a YAML mapping", str(path))
     try:

@@ -7,7 +7,8 @@
   the umask, or the replaced file's mode), not ``mkstemp``'s ``0600``.
 * :func:`load_yaml`: ``yaml.safe_load`` that refuses a mapping with the same
   key twice (plain PyYAML silently keeps the last one, so a duplicated
-  ``idle_power_w:`` line would change a number without a word).
+  ``idle_power_w:`` line would change a number without a word);
+  :func:`parse_yaml` reports its errors as one line naming the file and line.
 """
 
 from __future__ import annotations
@@ -92,3 +93,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str):
     """``yaml.safe_load(text)``, but a mapping with a duplicate key is a ``yaml.YAMLError``."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_yaml(text: str, where: str):
+    """:func:`load_yaml`, its errors as one-line :class:`TtcsimError` at ``where:line``.
+
+    Used for every user YAML file (profiles, sweep grids, accuracy tables).
+    """
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark else where
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise TtcsimError(f"invalid YAML ({problem})", at) from None
+    except RecursionError:
+        raise TtcsimError("invalid YAML (nested too deeply)", where) from None

@@ -351,19 +351,14 @@ class Grid:
 
 def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid YAML file; errors name the file and the key."""
-    import yaml
+    from ttcsim.io import parse_yaml
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TtcsimError(f"cannot read grid: {exc}", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TtcsimError(f"invalid YAML ({getattr(exc, 'problem', exc)})", where) from None
+    data = parse_yaml(text, str(path))
     return Grid.from_mapping(data if data is not None else {}, source=str(path))
 
 
