@@ -97,10 +97,9 @@ def plot_sweep(frame, path: str | Path, x: str, y: str, color: str) -> Path:
         # labels such as output_tokens_spec mixing "1024" and "lognormal:...": one
         # evenly spaced position each, numbers first in order, then the others as met
         values = [str(v) for v in pd.unique(ok[x])]
-        number = pd.to_numeric(pd.Series(values), errors="coerce")
-        labels = [v for _, v in sorted(zip(number[number.notna()], np.array(values)[
-            number.notna().to_numpy()], strict=True))] + [
-            v for v, n in zip(values, number, strict=True) if n != n]
+        number = pd.to_numeric(pd.Series(values), errors="coerce").tolist()
+        numeric = {v: n for v, n in zip(values, number, strict=True) if n == n}
+        labels = sorted(numeric, key=numeric.get) + [v for v in values if v not in numeric]
         ok = ok.assign(**{x: ok[x].astype(str).map({v: i for i, v in enumerate(labels)})})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for key, part in ok.groupby(color, sort=True):
