@@ -388,6 +388,7 @@ _COMMAND_MODULES = (
     "ttcsim.commands.plan",
     "ttcsim.commands.tradeoffs",
     "ttcsim.commands.sweep",
+    "ttcsim.commands.importers",
 )
 
 
