@@ -49,14 +49,26 @@ def test_record_fields_come_from_the_file_and_the_benchmark_settings():
     assert r["engine"]["name"] == "vllm" and r["engine"]["max_num_seqs"] == 64
     assert r["engine"]["gpu_memory_utilization"] == 0.95
     assert r["engine"]["chunked_prefill"] is False and r["engine"]["prefix_caching"] is False
+    assert r["measure"] == "steady-state"
     assert r["energy_j"] == src["Energy/req (J)"]
-    assert r["tpot_s"] == src["Avg TPOT (s)"]
+    assert r["tpot_reported_s"] == src["Avg TPOT (s)"]
     assert r["output_tokens_mean"] == src["Avg Output Tokens"]
-    assert r["output_tokens"] == [round(src["Avg Output Tokens"])]
-    assert r["steady_state"]["running_batch"] == src["Avg BS (reqs)"]
-    assert r["steady_state"]["energy_per"] == "request"
+    assert r["running_batch"] == src["Avg BS (reqs)"]
     assert r["max_output_tokens"] == 1024
-    assert r["latency_s"] == pytest.approx(src["Avg TPOT (s)"] * src["Avg Output Tokens"])
+    # steady TPOT = B L / ((L - 1) tput), by hand for this file
+    b, n, x = src["Avg BS (reqs)"], src["Avg Output Tokens"], src["Token tput (tok/s)"]
+    assert r["tpot_s"] == pytest.approx(b * n / ((n - 1) * x), rel=1e-12)
+    assert r["tpot_s"] == pytest.approx(src["Avg TPOT (s)"], rel=0.03)  # few finish per step
+
+
+def test_output_spec_has_the_measured_mean_and_the_cap():
+    from ttcsim.distributions import as_distribution, parse_lengths
+
+    for mean, cap in ((481.347, 1024), (63.4, 512), (1000.0, 1024)):
+        spec = ml.output_length_spec(mean, cap)
+        d = as_distribution(parse_lengths(spec, "x"))
+        assert d.mean() == pytest.approx(mean, abs=0.05)
+        assert d.upper_bound() <= cap and f"max={cap}" in spec
 
 
 def test_prompt_lengths_are_characters_over_the_stated_ratio():
@@ -64,10 +76,12 @@ def test_prompt_lengths_are_characters_over_the_stated_ratio():
     assert len(chars) == 500 and len(ml.read_prompt_chars()["code"]) == 164
     r4 = _by_id(ml.import_tree(ROOT))[LLAMA8_BS64]
     r2 = _by_id(ml.import_tree(ROOT, {"chat": 2.0}))[LLAMA8_BS64]
-    tokens4 = [int(x) for x in r4["prompt_tokens_spec"].split(",")]
-    assert tokens4 == [max(1, round(c / 4.0)) for c in chars]
+    tokens4 = [int(x) for x in r4["prompt_tokens"].split(",")]
+    # user text + 112-character system prompt over 4 chars/token, + 12 template tokens
+    assert tokens4 == [max(1, round((c + 112) / 4.0) + 12) for c in chars]
     assert r4["prompt_tokens_mean"] == pytest.approx(sum(tokens4) / 500)
-    assert r2["prompt_tokens_mean"] == pytest.approx(2 * r4["prompt_tokens_mean"], rel=0.01)
+    assert r2["prompt_tokens_mean"] - 12 == pytest.approx(
+        2 * (r4["prompt_tokens_mean"] - 12), rel=0.01)
     assert r4["chars_per_token"] == 4.0 and r2["chars_per_token"] == 2.0
 
 
@@ -77,8 +91,8 @@ def test_code_task_uses_its_own_ratio_and_cap():
     code = [r for r in ml.import_tree(ROOT).records if r["task"] == "code"]
     assert len(code) == 2
     assert all(r["chars_per_token"] == 3.3 and r["max_output_tokens"] == 512 for r in code)
-    tokens = [int(x) for x in code[0]["prompt_tokens_spec"].split(",")]
-    assert tokens == [max(1, round(c / 3.3)) for c in ml.read_prompt_chars()["code"]]
+    tokens = [int(x) for x in code[0]["prompt_tokens"].split(",")]
+    assert tokens == [max(1, round(c / 3.3) + 1) for c in ml.read_prompt_chars()["code"]]
 
 
 def test_pipeline_parallel_results_are_skipped_with_a_reason():

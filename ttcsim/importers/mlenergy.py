@@ -15,21 +15,26 @@ requests' prefills (own iterations, chunked prefill off) interleaved::
     Energy/req = E_steady / tokens_steady * Avg Output Tokens      [J]
                  (NVML energy of all TP x PP GPUs)
 
-:func:`import_tree` turns each file into one run record (a ``dict`` that
-:class:`ttcsim.calibration.records.RunRecord` reads):
+:func:`import_tree` turns each file into one ``measure: steady-state`` run
+record (a ``dict`` that :class:`ttcsim.calibration.records.RunRecord` reads):
 
 * ``hw``: the GPU name through :data:`GPU_PROFILES`;
 * ``model``: the HF id through the model catalog's hub-id resolution;
-* ``tp``, ``max_num_seqs`` and ``engine``: ``vllm`` 0.5.4 with the benchmark's
-  settings (:data:`BENCHMARK_ENGINE_SETTINGS`);
-* ``prompt_tokens``: the task's prompt lengths in characters (shipped in
-  ``ttcsim/data/mlenergy_v2_prompt_chars.csv``) divided by a stated
-  characters-per-token ratio (:data:`CHARS_PER_TOKEN`), as a list of equally
-  likely lengths (``prompt_tokens_spec``) and its rounded mean;
-* ``output_tokens``: the mean output length (the per-request lengths are not
-  published), with the task's ``max_tokens`` cap;
-* ``energy_j`` per request and ``tpot_s``, with ``steady_state`` saying the
-  run was a throughput run at a running batch of ``Avg BS`` sequences.
+* ``tp``, ``max_num_seqs``, ``running_batch`` (``Avg BS``) and ``engine``: ``vllm``
+  0.5.4 with the benchmark's settings (:data:`BENCHMARK_ENGINE_SETTINGS`);
+* ``prompt_tokens``: the task's prompts as equally likely lengths (a comma list):
+  their lengths in characters (shipped in ``ttcsim/data/mlenergy_v2_prompt_chars.csv``)
+  plus the system prompt, over a stated characters-per-token ratio
+  (:data:`CHARS_PER_TOKEN`), plus the chat template (:func:`prompt_tokens`);
+* ``output_tokens``: a length distribution with the measured mean
+  (:func:`output_length_spec`; the per-request lengths are not published);
+* ``energy_j``: the energy per request;
+* ``tpot_s``: the steady-state time per output token of a running request,
+  from the steady-state throughput (:func:`steady_tpot_s`).  The file's own
+  ``Avg TPOT`` is kept as ``tpot_reported_s``: it is a mean over *all* engine
+  iterations of the run, the ramp-up and the draining tail included (where the
+  batch shrinks and steps get faster), so it falls below the steady state's
+  time per token as more requests finish per step (``docs/VALIDATION.md``).
 
 Results that ttcsim cannot represent are skipped with a reason: pipeline
 parallelism (``pp > 1``), a GPU without a hardware profile, a model that is not
@@ -81,13 +86,26 @@ class Task:
     temperature: float
     chat_template: bool
     dataset: str
+    extra_prompt_chars: int  #: characters every prompt carries besides its own (system prompt)
+    template_tokens: int  #: chat-template role markup and BOS [tokens]
 
 
-#: The two text-generation tasks (``../shared/mlenergy-v2/README.md``).
+#: The two text-generation tasks (``../shared/mlenergy-v2/README.md`` and the
+#: upstream ``benchmark/llm_text_generation/chat/scripts/benchmark_client.py``).
+#: Every chat request carries the client's system prompt ("You are an artificial
+#: intelligence assistant that gives helpful answers to the user's questions or
+#: instructions.", 112 characters) and the model's chat template; 12 tokens of
+#: template markup (BOS, role headers, end-of-turn markers, as in Llama 3's
+#: template) are assumed.  Code prompts are raw text: one BOS token.
 TASKS: dict[str, Task] = {
-    "chat": Task("chat", 1024, 2000, 0.8, True, "ShareGPT first human turns, 500 x 4"),
-    "code": Task("code", 512, 1640, 0.0, False, "HumanEval prompts, 164 x 10"),
+    "chat": Task("chat", 1024, 2000, 0.8, True, "ShareGPT first human turns, 500 x 4", 112, 12),
+    "code": Task("code", 512, 1640, 0.0, False, "HumanEval prompts, 164 x 10", 0, 1),
 }
+
+#: Shape of the gamma distribution assumed for the per-request output lengths
+#: (coefficient of variation 1/sqrt(2) = 0.71 before clipping; only the mean is
+#: published).  Its effect is measured in docs/VALIDATION.md.
+OUTPUT_LENGTH_SHAPE = 2.0
 
 #: Characters per token assumed when converting the prompt lengths (no tokenizer
 #: files offline).  Chat: about 4 characters per token for common English text
@@ -203,11 +221,20 @@ def read_prompt_chars(path: str | Path | None = None) -> dict[str, tuple[int, ..
     return out
 
 
-def prompt_tokens(chars: tuple[int, ...] | list[int], chars_per_token: float) -> list[int]:
-    """Prompt lengths in tokens: ``max(1, round(chars / chars_per_token))``."""
+def prompt_tokens(
+    chars: tuple[int, ...] | list[int], chars_per_token: float, task: Task | None = None
+) -> list[int]:
+    """Prompt lengths in tokens as the engine saw them.
+
+    ``round((chars + extra_chars) / chars_per_token) + template_tokens`` (at least
+    1), with the task's system prompt (``extra_chars``) and chat-template markup
+    (``template_tokens``); no task: the characters alone.
+    """
     if not chars_per_token > 0:
         raise TtcsimError(f"must be > 0, got {chars_per_token}", "--chars-per-token")
-    return [max(1, round(c / chars_per_token)) for c in chars]
+    extra = task.extra_prompt_chars if task else 0
+    markup = task.template_tokens if task else 0
+    return [max(1, round((c + extra) / chars_per_token) + markup) for c in chars]
 
 
 def _result(path: Path) -> dict:
@@ -224,6 +251,50 @@ def _result(path: Path) -> dict:
     return data
 
 
+def output_length_spec(mean_tokens: float, cap: int, shape: float | None = None) -> str:
+    """Output-length distribution of one request with the measured mean (a length spec).
+
+    The per-request lengths are not published, only their mean.  Assumed: a gamma
+    distribution of shape :data:`OUTPUT_LENGTH_SHAPE` clipped at the task's
+    ``max_tokens`` (``cap``), its ``mean`` parameter solved by bisection so that the
+    clipped mean equals ``mean_tokens`` (within 0.05 token).
+    """
+    from ttcsim.distributions import as_distribution, parse_lengths
+
+    shape = OUTPUT_LENGTH_SHAPE if shape is None else shape
+    target = min(max(float(mean_tokens), 1.0), cap - 0.5)
+
+    def spec(x: float) -> str:
+        return f"gamma:mean={x:.2f},shape={shape:g},max={cap}"
+
+    def mean_of(x: float) -> float:
+        return as_distribution(parse_lengths(spec(x), "output_tokens")).mean()
+
+    lo, hi = target * 0.5, target * 20.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if mean_of(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 0.01:
+            break
+    return spec(0.5 * (lo + hi))
+
+
+def steady_tpot_s(running_batch: float, mean_output_tokens: float, tokens_per_s: float) -> float:
+    """Steady-state time per output token of a running request [s], from the throughput.
+
+    Each decode step (with the prefill passes between steps) advances the ``B``
+    running sequences by one token and finishes ``B / (L - 1)`` requests, whose
+    first tokens came from their prefills, so ``tput = (B + B / (L - 1)) / t_cycle``::
+
+        TPOT_steady = t_cycle = B * L / ((L - 1) * tput)
+    """
+    steps = max(mean_output_tokens - 1.0, 1.0)
+    return running_batch * (steps + 1.0) / (steps * tokens_per_s)
+
+
 def result_to_record(
     data: dict,
     record_id: str,
@@ -237,11 +308,13 @@ def result_to_record(
     """One run record from one parsed result file (see the module docstring)."""
     tp, pp = int(data["TP"]), int(data["PP"])
     out_mean = float(data["Avg Output Tokens"])
-    tpot = float(data["Avg TPOT (s)"])
+    batch = float(data["Avg BS (reqs)"])
+    tput = float(data["Token tput (tok/s)"])
     mean_prompt = sum(prompt_lengths) / len(prompt_lengths)
     return {
         "id": record_id,
         "source": SOURCE,
+        "measure": "steady-state",
         "hw": hw,
         "gpu_name": str(data["GPU"]),
         "model": model,
@@ -249,32 +322,25 @@ def result_to_record(
         "dtype": "bf16",
         "tp": tp,
         "pp": pp,
-        "n_gpus": tp * pp,
         "engine": {"name": "vllm", "version": "0.5.4", "max_num_seqs": max_num_seqs,
                    **BENCHMARK_ENGINE_SETTINGS},
         "engine_notes": dict(BENCHMARK_NOTES),
         "max_num_seqs": max_num_seqs,
+        "running_batch": batch,
         "strategy": "single",
         "prefix_sharing": False,
         "task": task.name,
-        "prompt_tokens": max(1, round(mean_prompt)),
+        "requests": task.requests,
+        "prompt_tokens": ",".join(str(n) for n in prompt_lengths),
         "prompt_tokens_mean": mean_prompt,
-        "prompt_tokens_spec": ",".join(str(n) for n in prompt_lengths),
         "chars_per_token": chars_per_token,
-        "output_tokens": [max(1, round(out_mean))],
+        "output_tokens": output_length_spec(out_mean, task.max_output_tokens),
         "output_tokens_mean": out_mean,
         "max_output_tokens": task.max_output_tokens,
-        "concurrent_queries": 1,
         "energy_j": float(data["Energy/req (J)"]),
-        "latency_s": tpot * out_mean,
-        "tpot_s": tpot,
-        "steady_state": {
-            "running_batch": float(data["Avg BS (reqs)"]),
-            "energy_per": "request",
-            "throughput_tokens_per_s": float(data["Token tput (tok/s)"]),
-            "max_running_batch": float(data["Max BS (reqs)"]),
-            "requests": task.requests,
-        },
+        "tpot_s": steady_tpot_s(batch, out_mean, tput),
+        "tpot_reported_s": float(data["Avg TPOT (s)"]),
+        "throughput_tokens_per_s": tput,
     }
 
 
@@ -297,7 +363,8 @@ def import_tree(
         task_dir = root / task_name
         if not task_dir.is_dir():
             continue
-        lengths = prompt_tokens(chars[task_name], ratios[task_name]) if task_name in chars else None
+        lengths = (prompt_tokens(chars[task_name], ratios[task_name], task)
+                   if task_name in chars else None)
         for file in sorted(task_dir.rglob("*.json")):
             m = _RESULT_NAME.match(file.name)
             if not m:
