@@ -99,6 +99,7 @@ def pass_coefficients(
     link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
     ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
     n_allreduce = 2 * spec.n_layers if tp > 1 else 0
+    kv_split = 1 if spec.is_mla else tp  # the MLA latent is one head: every GPU keeps it all
     extra: dict = {}
     if engine is not None and not engine.is_reference:
         from ttcsim.engines.physics import coefficient_terms, scaled_parameters
@@ -112,9 +113,9 @@ def pass_coefficients(
         n_experts=spec.n_experts,
         n_active_experts=spec.n_active_experts,
         shared_weight_bytes=arch.shared_weight_parameters(spec) * w_bytes / tp,
-        expert_bytes=spec.n_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
+        expert_bytes=spec.n_moe_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
         linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
-        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / tp,
+        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / kv_split,
         attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
         weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
         attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
