@@ -181,14 +181,7 @@ def resolve_model(hf_id: str) -> str | None:
     """Catalog model name for an HF hub id (``meta-llama/Meta-Llama-3.1-8B-Instruct``)."""
     from ttcsim import models
 
-    resolve = getattr(models, "resolve_model_name", None)
-    if resolve is not None:
-        return resolve(hf_id)
-    # catalogs without hub-id resolution: the repository name, lower case, variant dropped
-    repo = re.sub(r"-(instruct|chat|it|hf)(?=-|$)", "", hf_id.rsplit("/", 1)[-1].lower())
-    repo = repo.removeprefix("meta-")
-    known = {m.name for m in models.list_models()}
-    return repo if repo in known else None
+    return models.resolve_model_name(hf_id)
 
 
 @functools.cache
