@@ -116,6 +116,7 @@ def main() -> None:
 @click.option("--carbon-g-per-kwh", default=None, type=float, help="Grid carbon intensity [gCO2/kWh].")
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
+@click.option("--engine", default=None, help="Engine profile: reference (default), hf-transformers, vllm, or a YAML path (see `ttcsim engines list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
 @_friendly
@@ -132,6 +133,8 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
     head = f"{r.model} on {r.gpus}x {r.hw}  strategy {r.strategy}  prompt {r.prompt_tokens}  output {r.output_tokens_spec}"
+    if r.engine != "reference":
+        head += f"  engine {r.engine}"
     if r.concurrency > 1:
         head += f"  concurrency {r.concurrency}"
     rows = [
@@ -248,16 +251,18 @@ def _resolve_hw_for_runs(hw_opt: str | None, runs):
 @main.command()
 @click.option("--runs", "runs_path", required=True, type=click.Path(dir_okay=False), help="Run records (JSONL).")
 @click.option("--hw", default=None, help="Profile name or YAML path (default: from the records' hw).")
+@click.option("--engine", default=None, help="Engine profile to predict with (default: the one each record names; reference when none).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly
-def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
+def validate(runs_path: str, hw: str | None, engine: str | None, as_json: bool) -> None:
     """Compare predictions with measured run records."""
     from ttcsim.calibration.records import read_runs
     from ttcsim.calibration.validate import validate_runs
+    from ttcsim.engines import get_engine
 
     runs = read_runs(runs_path)
     profile = _resolve_hw_for_runs(hw, runs)
-    report = validate_runs(runs, profile)
+    report = validate_runs(runs, profile, get_engine(engine) if engine else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -266,17 +271,24 @@ def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
 
 def _print_validation(report: dict) -> None:
     status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
-    click.echo(f"profile {report['hw']} ({status}), {len(report['runs'])} runs")
+    engine = report.get("engine", "reference")
+    engine = engine if isinstance(engine, str) else ",".join(engine)
+    click.echo(f"profile {report['hw']} ({status}), engine {engine}, {len(report['runs'])} runs")
     click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
     for r in report["runs"]:
-        click.echo(
-            f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
-            f"{r['energy_ape_pct']:5.1f}%  {r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} "
-            f"{r['latency_ape_pct']:5.1f}%"
-        )
-    for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency")):
-        s = report["summary"][key]
-        click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
+        if r["latency_s"] is not None:
+            t = f"{r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} {r['latency_ape_pct']:5.1f}%"
+        elif r.get("tpot_s") is not None:
+            t = f"{r['tpot_s']:8.4f} {r['tpot_s_pred']:8.4f} {r['tpot_ape_pct']:5.1f}% (TPOT)"
+        else:
+            t = f"{'-':>8} {'-':>8} {'-':>6}"
+        click.echo(f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
+                   f"{r['energy_ape_pct']:5.1f}%  {t}")
+    for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency"),
+                       ("tpot_ape_pct", "TPOT")):
+        s = report["summary"].get(key)
+        if s and s["n"]:
+            click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
 
 
 @main.group()
@@ -388,6 +400,7 @@ _COMMAND_MODULES = (
     "ttcsim.commands.plan",
     "ttcsim.commands.tradeoffs",
     "ttcsim.commands.sweep",
+    "ttcsim.commands.engines",
     "ttcsim.commands.importers",
 )
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import (
