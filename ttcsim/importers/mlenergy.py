@@ -297,6 +297,7 @@ def result_to_record(
     hw: str,
     prompt_lengths: list[int],
     chars_per_token: float,
+    output_shape: float | None = None,
 ) -> dict:
     """One run record from one parsed result file (see the module docstring)."""
     tp, pp = int(data["TP"]), int(data["PP"])
@@ -327,7 +328,7 @@ def result_to_record(
         "prompt_tokens": ",".join(str(n) for n in prompt_lengths),
         "prompt_tokens_mean": mean_prompt,
         "chars_per_token": chars_per_token,
-        "output_tokens": output_length_spec(out_mean, task.max_output_tokens),
+        "output_tokens": output_length_spec(out_mean, task.max_output_tokens, output_shape),
         "output_tokens_mean": out_mean,
         "max_output_tokens": task.max_output_tokens,
         "energy_j": float(data["Energy/req (J)"]),
@@ -341,10 +342,12 @@ def import_tree(
     path: str | Path,
     chars_per_token: dict[str, float] | None = None,
     prompt_chars_path: str | Path | None = None,
+    output_shape: float | None = None,
 ) -> ImportResult:
     """Run records for every result file under ``path`` (see :func:`find_tree`).
 
-    ``chars_per_token`` overrides :data:`CHARS_PER_TOKEN` per task.  Records
+    ``chars_per_token`` overrides :data:`CHARS_PER_TOKEN` per task and
+    ``output_shape`` :data:`OUTPUT_LENGTH_SHAPE` (both for sensitivity checks).  Records
     come in sorted path order; ``skipped`` lists ``(id, reason)`` for results
     that cannot be represented.
     """
@@ -382,7 +385,8 @@ def import_tree(
                 result.skipped.append((rel, f"model {data['Model']!r} not in the catalog"))
                 continue
             result.records.append(
-                result_to_record(data, rel, task, n, model, hw, lengths, ratios[task_name])
+                result_to_record(data, rel, task, n, model, hw, lengths, ratios[task_name],
+                                 output_shape)
             )
     return result
 
