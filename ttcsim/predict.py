@@ -600,7 +600,9 @@ def _continuous_batch(c: PassCoefficients, spec: ModelSpec, eng: EngineProfile, 
     :class:`~ttcsim.errors.DoesNotFitError` when not one sequence fits.
     """
     slots = min(eng.batching.max_num_seqs or 1, concurrency * samples)
-    workspace = slots * spec.vocab_size * 4.0
+    workspace = slots * spec.vocab_size * 4.0 + slots * p_max * (
+        4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
+    ) * ACTIVATION_BYTES  # logits and prefill activations, as memory_needed_bytes
     free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
     fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, p_max + kv_len,
                                            eng.kv_cache.block_tokens)
