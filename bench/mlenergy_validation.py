@@ -53,6 +53,7 @@ from ttcsim.simulator.roofline import forward_pass  # noqa: E402
 RUNS = ROOT / "validation" / "mlenergy-a100" / "runs.jsonl"
 FIT_RUNS = ROOT / "validation" / "mlenergy-a100" / "fit_runs.txt"
 PRIOR = ROOT / "validation" / "mlenergy-a100" / "vllm-0.5-prior.yaml"
+FITTED_HW = ROOT / "validation" / "mlenergy-a100" / "a100-sxm-40gb-fit.yaml"
 
 #: llm-flops' constant power: 0.85 x TDP per GPU for every phase and batch
 #: (``../shared/ANCHORS.md``, "Peer tools": "energy = 0.85 x TDP x time").
@@ -217,7 +218,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default=str(RUNS))
     ap.add_argument("--fit-runs", default=str(FIT_RUNS))
-    ap.add_argument("--hw", default="a100-sxm-40gb")
+    ap.add_argument("--hw", default="a100-sxm-40gb", help="the shipped hardware profile")
+    ap.add_argument("--fitted-hw", default=str(FITTED_HW),
+                    help="hardware side of the 6-run --fit both (a YAML)")
     ap.add_argument("--engine", default=None, help="engine profile instead of the shipped vllm")
     ap.add_argument("--tree", default=None, help="ML.ENERGY tree, for --sensitivity")
     ap.add_argument("--sensitivity", action="store_true",
@@ -234,41 +237,49 @@ def main(argv=None) -> int:
     held = [r for r in runs if r.id not in fit]
     print(f"hardware profile {hw.name} ({hw.provenance.parameters.status}); "
           f"{len(runs)} runs, {len(runs) - len(held)} fit, {len(held)} held out")
-    methods = [("ttcsim, shipped vllm profile", "vllm", args.engine),
-               ("ttcsim, reference engine", "reference", "reference")]
+    fitted_hw = get_profile(args.fitted_hw) if Path(args.fitted_hw).exists() else None
+    methods = []
+    if fitted_hw is not None:
+        methods.append(("ttcsim, vllm + A100 side of the same 6-run fit", "fitted", args.engine,
+                        fitted_hw))
+    methods += [("ttcsim, shipped vllm + shipped A100 profile", "vllm", args.engine, hw),
+                ("ttcsim, reference engine", "reference", "reference", hw)]
     if PRIOR.exists() and args.engine is None:
-        methods.append(("ttcsim, vllm datasheet default (before the fit)", "prior", str(PRIOR)))
-    methods += [("llm-flops style (roofline x 0.85 TDP)", "llm-flops", None),
-                ("EcoLogits style (per token, parameters)", "ecologits", None)]
+        methods.append(("ttcsim, vllm datasheet default (before the fit)", "prior", str(PRIOR),
+                        hw))
+    methods += [("llm-flops style (roofline x 0.85 TDP)", "llm-flops", None, hw),
+                ("EcoLogits style (per token, parameters)", "ecologits", None, hw)]
     print()
     print("| predictor | runs | energy median | p90 | max | TPOT median | p90 | max |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     dump = {}
-    for label, key, eng in methods:
+    for label, key, eng, hw_m in methods:
         method = key if key in ("llm-flops", "ecologits") else "ttcsim"
         for subset, rs in (("held out", held), ("all", runs)):
-            rows = evaluate(rs, hw, method, eng)
+            rows = evaluate(rs, hw_m, method, eng)
             e = summarize(errors(rows, "energy_j"))
             t = summarize(errors(rows, "tpot_s"))
             print(f"| {label} | {subset} ({e['n']}) | {_fmt(e)} | {_fmt(t)} |")
             dump[f"{key}/{subset}"] = rows
     if args.per_run:
         print()
-        print("| held-out run | E meas [J] | vllm | reference | llm-flops | EcoLogits | "
-              "TPOT meas [ms] | vllm |")
+        print("| held-out run | E meas [J] | vllm (fit hw) | reference | llm-flops | EcoLogits | "
+              "TPOT meas [ms] | vllm (fit hw) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         by = {k: {r["id"]: r for r in v} for k, v in dump.items()}
+        main_key = "fitted" if "fitted/held out" in by else "vllm"
         for r in held:
-            v, ref = by["vllm/held out"][r.id], by["reference/held out"][r.id]
+            v, ref = by[f"{main_key}/held out"][r.id], by["reference/held out"][r.id]
             lf, eco = by["llm-flops/held out"][r.id], by["ecologits/held out"][r.id]
             print(f"| {r.id} | {r.energy_j:.1f} | {v['energy_j_pred']:.1f} | "
                   f"{ref['energy_j_pred']:.1f} | {lf['energy_j_pred']:.1f} | "
                   f"{eco['energy_j_pred']:.1f} | {r.tpot_s * 1e3:.1f} | "
                   f"{v['tpot_s_pred'] * 1e3:.1f} |")
+    hw_main = fitted_hw or hw
     if args.reported_tpot:
         errs = {"held out": [], "all": []}
         for r in runs:
-            pred = run_mean_tpot_s(r, hw, args.engine)
+            pred = run_mean_tpot_s(r, hw_main, args.engine)
             err = abs(pred - r.tpot_reported_s) / r.tpot_reported_s * 100.0
             errs["all"].append(err)
             if r.id not in fit:
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
         for subset, e in errs.items():
             print(f"  {subset} ({len(e)}): {_fmt(summarize(e))}")
     if args.sensitivity:
-        _sensitivity(args, hw, fit)
+        _sensitivity(args, hw_main, fit)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(dump, indent=1))
     return 0
@@ -292,10 +303,11 @@ def _sensitivity(args, hw, fit) -> None:
     if not args.tree:
         print("\n--sensitivity needs --tree (the ML.ENERGY result tree)")
         return
-    cases = [("as shipped: chat 4.0, code 3.3 chars/token, gamma shape 2", {}, None),
+    cases = [("as shipped: chat 4.0, code 2.5 chars/token, gamma shape 2", {}, None),
+             ("code 3.3 chars/token (the first assumption)", {"code": 3.3}, None),
              ("chat 3.0 chars/token", {"chat": 3.0}, None),
              ("chat 5.0 chars/token", {"chat": 5.0}, None),
-             ("code 2.5 chars/token", {"code": 2.5}, None),
+             ("code 2.0 chars/token", {"code": 2.0}, None),
              ("code 4.0 chars/token", {"code": 4.0}, None),
              ("output lengths gamma shape 1 (exponential)", {}, 1.0),
              ("output lengths gamma shape 8 (narrow)", {}, 8.0)]

@@ -88,9 +88,9 @@ def test_prompt_lengths_are_characters_over_the_stated_ratio():
 def test_code_task_uses_its_own_ratio_and_cap():
     code = [r for r in ml.import_tree(ROOT).records if r["task"] == "code"]
     assert {r["model"] for r in code} == {"starcoder2-3b", "codellama-7b"}
-    assert all(r["chars_per_token"] == 3.3 and r["max_output_tokens"] == 512 for r in code)
+    assert all(r["chars_per_token"] == 2.5 and r["max_output_tokens"] == 512 for r in code)
     tokens = [int(x) for x in code[0]["prompt_tokens"].split(",")]
-    assert tokens == [max(1, round(c / 3.3) + 1) for c in ml.read_prompt_chars()["code"]]
+    assert tokens == [max(1, round(c / 2.5) + 1) for c in ml.read_prompt_chars()["code"]]
 
 
 def test_pipeline_parallel_results_are_skipped_with_a_reason():

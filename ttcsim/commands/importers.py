@@ -35,7 +35,7 @@ def import_group() -> None:
 @click.option("--chars-per-token-chat", default=None, type=float,
               help="Characters per token of the chat prompts [default: 4.0].")
 @click.option("--chars-per-token-code", default=None, type=float,
-              help="Characters per token of the code prompts [default: 3.3].")
+              help="Characters per token of the code prompts [default: 2.5].")
 @click.option("--prompt-lengths", "prompt_lengths", default=None,
               type=click.Path(dir_okay=False),
               help="prompt_lengths.json with the prompts' lengths in characters "
