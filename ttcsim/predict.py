@@ -37,7 +37,12 @@ from ttcsim.distributions import (
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.phases import Draws, PhaseCost, _expand
 from ttcsim.strategies import Strategy, Workload, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
@@ -162,6 +167,7 @@ def memory_needed_bytes(
         * ACTIVATION_BYTES
         + n_queries * samples * spec.vocab_size * 4.0
     )
+    kv_tokens = kv_cache_tokens(c, kv_tokens, n_queries * samples)
     return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
 
 
@@ -219,7 +225,8 @@ def strategy_memory_bytes(
         extra = strategy.extra_memory_bytes(
             coefficients, prompt_tokens, max_output_tokens, n_queries
         )
-    return c.weight_bytes_total + n_queries * kv * c.kv_bytes_per_token + workspace + extra
+    kv_tokens = kv_cache_tokens(c, n_queries * kv, n_queries * sequences)
+    return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace + extra
 
 
 _COEFF_CACHE: dict = {}
