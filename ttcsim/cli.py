@@ -453,6 +453,7 @@ _COMMAND_MODULES = (
     "ttcsim.commands.tradeoffs",
     "ttcsim.commands.sweep",
     "ttcsim.commands.engines",
+    "ttcsim.commands.importers",
 )
 
 
