@@ -2,16 +2,21 @@
 
 Commands parse options, call one API function and format its result.  Every
 :class:`~ttcsim.errors.TtcsimError` becomes a one-line ``error: ...`` on
-stderr with exit code 2.
+stderr with exit code 2; any other exception is a bug in ttcsim and becomes
+``error: internal error: ...`` with exit code 1 (the traceback with
+``--verbose``).  Exit codes are listed in docs/ERRORS.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -24,6 +29,41 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Exit codes (docs/ERRORS.md): bad input, and a bug in ttcsim.
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+#: ``plan`` ran, but no option meets the targets (memory, SLO or power).
+EXIT_INFEASIBLE = 3
+
+
+def _root_flag(name: str) -> bool:
+    """A global flag (``--quiet``, ``--verbose``) of the running command line."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get(name))
+
+
+def quiet() -> bool:
+    """Whether ``ttcsim --quiet`` was given (no progress bars, notes or hints)."""
+    return _root_flag("quiet")
+
+
+def verbose() -> bool:
+    """Whether ``ttcsim --verbose`` was given (tracebacks and extra detail)."""
+    return _root_flag("verbose")
+
+
+def note(text: str, err: bool = False, indent: str = "  ") -> None:
+    """Print ``note: text`` unless ``--quiet``."""
+    if not quiet():
+        click.echo(f"{indent}note: {text}", err=err)
+
+
+def _report_error(exc: TtcsimError) -> None:
+    if verbose():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    click.echo(f"error: {_one_line(exc)}", err=True)
+
+
 def _friendly(fn):
     """Turn ttcsim errors into one-line messages with exit code 2."""
 
@@ -32,8 +72,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TtcsimError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            sys.exit(2)
+            _report_error(exc)
+            sys.exit(EXIT_BAD_INPUT)
 
     return wrapper
 
@@ -69,8 +109,68 @@ def _one_line_usage_errors():
         raise _OneLineUsageError(text) from None
 
 
+def _refuse_repeated_options(group: click.Group, ctx: click.Context, args: list[str]) -> None:
+    """A single-valued option given twice with different values is an error.
+
+    Click would silently keep the last value (``predict --strategy vote5
+    --strategy bon4`` priced bon4 alone).
+
+    ``args`` are the words after the group's own options: a subcommand (or a
+    group and its subcommand) and its arguments.  Options declared
+    ``multiple=True`` may repeat.
+    """
+    words = list(args)
+    cmd: click.Command | None = group
+    while isinstance(cmd, click.Group) and words:
+        name = next((w for w in words if not w.startswith("-")), None)
+        if name is None:
+            return
+        words = words[words.index(name) + 1 :]
+        cmd = cmd.get_command(ctx, name)
+    if cmd is None:
+        return
+    by_opt: dict[str, click.Option] = {}
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            for opt in (*param.opts, *param.secondary_opts):
+                by_opt[opt] = param
+    seen: dict[str, list[str]] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            break
+        opt, eq, value = word.partition("=")
+        param = by_opt.get(opt)
+        if param is None:
+            continue
+        takes_value = not param.is_flag and not param.count
+        if takes_value and not eq:
+            value = words[i] if i < len(words) else ""
+            i += 1
+        if param.multiple or param.count:
+            continue
+        shown = param.opts[0] if param.opts else opt
+        seen.setdefault(shown, []).append(value if takes_value else opt)
+        if len(set(seen[shown])) > 1:  # the same value twice is harmless
+            given = ", ".join(seen[shown])
+            hint = ""
+            if cmd.name == "predict" and shown == "--strategy":
+                hint = "; to compare strategies use `ttcsim metrics --strategy A --strategy B`"
+            raise _OneLineUsageError(
+                f"{shown}: given {len(seen[shown])} different values ({given}); it takes "
+                f"one{hint}"
+            )
+
+
 class _Main(click.Group):
-    """The root group: click's own usage errors also become one ``error:`` line."""
+    """The root group: click's own usage errors also become one ``error:`` line.
+
+    Every other exception from a command ends the same way: a
+    :class:`~ttcsim.errors.TtcsimError` (bad input) with exit code 2, anything
+    else (a bug) with ``error: internal error: ...`` and exit code 1.
+    """
 
     def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102
         with _one_line_usage_errors():
@@ -78,7 +178,38 @@ class _Main(click.Group):
 
     def invoke(self, ctx):  # noqa: D102
         with _one_line_usage_errors():
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # click 8.2+ deprecates protected_args (9.0: in args)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                words = [*getattr(ctx, "protected_args", ()), *ctx.args]
+            _refuse_repeated_options(self, ctx, words)
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+                raise
+            except TtcsimError as exc:
+                _report_error(exc)
+                ctx.exit(EXIT_BAD_INPUT)
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # output piped into `head`: click's own handling
+                    raise
+                _internal_error(ctx, exc)
+            except Exception as exc:  # noqa: BLE001 - the last line of defence
+                _internal_error(ctx, exc)
+
+
+def _internal_error(ctx: click.Context, exc: BaseException) -> None:
+    """``error: internal error: ...`` (traceback with ``--verbose``) and exit code 1."""
+    if ctx.params.get("verbose"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        hint = "please report it with the traceback above"
+    else:
+        hint = "rerun with --verbose for the traceback and please report it"
+    click.echo(
+        f"error: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+        f"(a bug in ttcsim; {hint})",
+        err=True,
+    )
+    ctx.exit(EXIT_INTERNAL)
 
 
 def _fmt_energy(j: float) -> str:
@@ -96,8 +227,15 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttcsim")
-def main() -> None:
-    """ttcsim: what an LLM query costs in energy, before you run it."""
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or hints; results and errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors, and extra detail.")
+def main(quiet: bool, verbose: bool) -> None:
+    """ttcsim: what an LLM query costs in energy, before you run it.
+
+    \b
+    Shell completion: eval "$(_TTCSIM_COMPLETE=bash_source ttcsim)" in ~/.bashrc
+    (zsh_source in ~/.zshrc; fish: _TTCSIM_COMPLETE=fish_source ttcsim | source).
+    """
 
 
 @main.command()
@@ -146,7 +284,8 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
         ("latency", f"{r.latency_s:.3f} s  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
         ("output tokens", f"{r.output_tokens:.0f}  ({r.j_per_output_token:.3f} J/token)"),
         ("power", f"avg {r.avg_power_w:.0f} W, peak {r.peak_power_w:.0f} W"
-         + ("  (power-limited)" if r.power_limited else "")),
+         + (f"  (power-limited in {', '.join(r.power_limited_phases)})"
+            if r.power_limited_phases else "")),
     ]
     if r.energy_j_p50 is not None:
         rows.append(("energy p50 / p90 / p99", " / ".join(
@@ -161,7 +300,7 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     click.echo(head)
     click.echo(_table(rows))
     if not r.calibrated_profile:
-        click.echo(f"  note: {r.hw} uses datasheet-default parameters (not calibrated)")
+        note(f"{r.hw} uses datasheet-default parameters (not calibrated)")
 
 
 @main.group()

@@ -81,7 +81,8 @@ def _print_plan(p) -> None:
     header = "  " + " ".join(
         f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w, _) in enumerate(_COLUMNS)
     )
-    click.echo(header)
+    if any(o.slo_met for o in p.options):
+        click.echo(header)
     for o in p.options:
         if not o.slo_met:
             continue
@@ -92,16 +93,22 @@ def _print_plan(p) -> None:
         )
         marks = ("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")
         click.echo(f"  {line}  {marks}".rstrip())
+    what_by_cause = {
+        "memory": "does not fit",
+        "setup": "cannot run",
+        "slo": "cannot meet the SLO",
+        "power": "cannot meet the SLO",
+    }
     for o in p.options:
         if not o.slo_met:
-            what = "cannot meet the SLO" if o.fits else "does not fit"
+            what = what_by_cause.get(o.cause, "cannot meet the SLO" if o.fits else "does not fit")
             click.echo(f"  {o.hw} tp{o.tp}: {what}: {o.reason}")
     click.echo(
         "  ($ = cheapest, E = lowest energy; kW, kWh and J at the GPUs, costs and CO2 with PUE)"
     )
     r = p.recommended
     if r is None:
-        click.echo(f"infeasible: {p.reason}")
+        click.echo(f"infeasible ({p.cause}): {p.reason}")
     else:
         click.echo(
             f"recommended: {r.gpus}x {r.hw} ({r.replicas} "
@@ -312,6 +319,12 @@ def plan_cmd(
         _print_plan(result)
         if plot_path:
             click.echo(f"  plot: {plot_path}")
+    if not result.feasible:  # a result, but scripts must be able to tell (docs/ERRORS.md)
+        from ttcsim.cli import EXIT_INFEASIBLE
+
+        first = result.reason.split("; ")[0]
+        click.echo(f"error: infeasible ({result.cause}): {first}", err=True)
+        raise SystemExit(EXIT_INFEASIBLE)
 
 
 COMMANDS = [plan_cmd]

@@ -5,7 +5,9 @@
 cost needs, so the hot functions in :mod:`ttcsim.simulator.roofline` take only
 floats or numpy arrays (and so broadcast over scenarios).  All quantities are
 per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
-``tp`` ways (Megatron-style column/row sharding).
+``tp`` ways (Megatron-style column/row sharding).  With fewer KV heads than
+``tp``, each KV head is replicated on ``tp / n_kv_heads`` GPUs, so a GPU stores
+and reads one KV head (see :mod:`ttcsim.deployment`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def pass_coefficients(
         shared_weight_bytes=arch.shared_weight_parameters(spec) * w_bytes / tp,
         expert_bytes=spec.n_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
         linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
-        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / tp,
+        # fewer KV heads than GPUs: each GPU holds a replica of one KV head (vLLM)
+        kv_bytes_per_token=arch.kv_elements_per_token(spec)
+        * dtype_bytes(kv_dtype)
+        / min(tp, spec.n_kv_heads),
         attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
         weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
         attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
