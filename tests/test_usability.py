@@ -76,3 +76,164 @@ def test_plan_two_datasheet_gpus_runs_and_equals_each_alone():
         for o in alone:
             assert both[(o["hw"], o["tp"])]["j_per_query"] == pytest.approx(o["j_per_query"],
                                                                           rel=1e-9)
+
+
+def test_internal_error_exits_1_with_one_line_and_traceback_under_verbose(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("ttcsim.predict")
+
+    def boom(**kw):
+        raise IndexError("boolean index did not match")
+
+    monkeypatch.setattr(module, "predict", boom)
+    r = invoke("predict")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: internal error: IndexError")
+    assert "--verbose" in lines[0] and "Traceback" not in r.output
+    r = invoke("--verbose", "predict")
+    assert r.exit_code == 1 and "Traceback" in r.output and "boom" in r.output
+
+
+def test_bad_input_still_exits_2():
+    r = invoke("predict", "--hw", "nope")
+    assert r.exit_code == 2 and "unknown" in r.output and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------- defect 3
+
+
+@pytest.mark.parametrize(
+    "args,where,needle",
+    [
+        (("--model", "70b", "--tp", "3"), "--tp", "64 attention heads"),
+        (("--model", "qwen2.5-7b", "--tp", "8"), "--tp", "28 attention heads"),
+        (("--model", "qwen2.5-14b", "--tp", "5"), "--tp", "8 KV heads"),  # 40 heads split
+        (("--hw", "a100", "--dtype", "fp8"), "--dtype", "no fp8 tensor cores"),
+        (("--hw", "a100-pcie-80gb", "--dtype", "fp8"), "--dtype", "no fp8 tensor cores"),
+    ],
+)
+def test_impossible_setups_are_refused_naming_the_option(args, where, needle):
+    r = invoke("predict", *args)
+    assert r.exit_code == 2, r.output
+    assert r.output.count("\n") == 1 and r.output.startswith(f"error: {where}: ")
+    assert needle in r.output
+
+
+def test_kv_heads_fewer_than_tp_are_replicated():
+    """qwen2.5-1.5b: 12 heads, 2 KV heads; tp 4 replicates each KV head on 2 GPUs."""
+    from ttcsim.deployment import tensor_parallel_problem
+    from ttcsim.models import get_model
+    from ttcsim.simulator import architecture as arch
+    from ttcsim.simulator.coefficients import pass_coefficients
+
+    spec = get_model("qwen2.5-1.5b")
+    assert (spec.n_heads, spec.n_kv_heads) == (12, 2)
+    assert tensor_parallel_problem(spec, 4) is None
+    assert "neither split them nor replicate" in tensor_parallel_problem(
+        spec.model_copy(update={"n_heads": 12, "n_kv_heads": 4}), 6
+    )
+    c = pass_coefficients(make_profile(), spec, "bf16", "bf16", 4)
+    # one KV head per GPU: half the model's KV bytes, not a quarter
+    assert c.kv_bytes_per_token == arch.kv_elements_per_token(spec) * 2.0 / 2
+    assert c.kv_heads_per_gpu == 1.0
+    assert invoke("predict", "--model", "qwen2.5-1.5b", "--tp", "4").exit_code == 0
+
+
+def test_plan_lists_unshardable_and_fp8_options_as_setup():
+    from ttcsim.plan import plan
+
+    r = plan(hw="h100,a100", model="8b", qps=1.0, output_tokens="128", tp="1,3",
+             weight_dtype="fp8", queries=60)
+    by = {(o.hw, o.tp): o for o in r.options}
+    assert by[("a100-sxm-80gb", 1)].cause == "setup"
+    assert "fp8 tensor cores" in by[("a100-sxm-80gb", 1)].reason
+    assert by[("h100-sxm-80gb", 3)].cause == "setup"
+    assert by[("h100-sxm-80gb", 1)].slo_met
+
+
+def test_sweep_marks_impossible_deployments_invalid(tmp_path):
+    import pandas as pd
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("hw: [h100, a100]\nmodel: [8b]\ntp: [1, 3]\ndtype: [bf16, fp8]\n"
+                    "output_tokens: [64]\n")
+    out = tmp_path / "g.csv"
+    r = invoke("sweep", grid, "--out", out)
+    assert r.exit_code == 0, r.output
+    d = pd.read_csv(out)
+    ok = (d["tp"] == 1) & ~((d["hw"] == "a100-sxm-80gb") & (d["weight_dtype"] == "fp8"))
+    assert (d.loc[ok, "status"] == "ok").all()
+    assert (d.loc[~ok, "status"] == "invalid").all() and d.loc[~ok, "energy_j"].isna().all()
+
+
+# --------------------------------------------------------------------------- defect 4
+
+
+def _plan_args(*extra):
+    return ("plan", "--hw", "h100", "--qps", "1", "--queries", "60", "--output-tokens", "128",
+            *extra)
+
+
+@pytest.mark.parametrize(
+    "extra,cause",
+    [
+        (("--model", "405b", "--tp", "1,2"), "memory"),
+        (("--model", "8b", "--tp", "1", "--slo-ttft-p90-ms", "1"), "slo"),
+        (("--model", "8b", "--tp", "3"), "setup"),
+    ],
+)
+def test_infeasible_plan_says_why_and_exits_3(extra, cause):
+    r = invoke(*_plan_args(*extra))
+    assert r.exit_code == 3, r.output
+    assert f"infeasible ({cause})" in r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"error: infeasible ({cause}): ")
+    if cause == "memory":
+        assert "SLO" not in r.output.splitlines()[-1]
+    rj = invoke(*_plan_args(*extra), "--json")
+    assert rj.exit_code == 3
+    data = json.loads(rj.output[: rj.output.rindex("}") + 1])
+    assert data["feasible"] is False and data["cause"] == cause
+
+
+def test_infeasible_plan_names_the_power_limit_when_it_is_the_cause():
+    """An SLO between the throttled and unthrottled prefill floor: the power limit is why."""
+    from ttcsim.plan import Slo, plan
+
+    base = plan(hw="h100", model="8b", qps=1.0, output_tokens="128", tp="1", queries=60)
+    floor = base.options[0].floor_ttft_p90_s
+    r = plan(hw="h100", model="8b", qps=1.0, output_tokens="128", tp="1", queries=60,
+             slo=Slo(ttft_p90_s=0.99 * floor))
+    assert r.cause == "power" and "power-limited prefill" in r.options[0].reason
+
+
+# --------------------------------------------------------------------------- defect 5
+
+
+def test_power_limited_names_its_phases_and_only_when_throttled():
+    from ttcsim.predict import predict
+
+    long = predict(hw="h100", model="8b", prompt_tokens=512)
+    short = predict(hw="h100", model="8b", prompt_tokens=16)
+    assert long.power_limited_phases == ["prefill"] and long.power_limited
+    assert short.power_limited_phases == [] and not short.power_limited
+    r = invoke("predict", "--prompt-tokens", "512")
+    assert "(power-limited in prefill)" in r.output
+    r = invoke("predict", "--prompt-tokens", "16")
+    assert "power-limited" not in r.output
+
+
+# --------------------------------------------------------------------------- defect 6
+
+
+def test_repeated_strategy_on_predict_is_refused():
+    r = invoke("predict", "--strategy", "vote5", "--strategy", "bon4")
+    assert r.exit_code == 2
+    assert r.output.startswith("error: --strategy: given 2 different values (vote5, bon4)")
+    assert "ttcsim metrics" in r.output
+    r = invoke("predict", "--hw=h100", "--hw", "a100")
+    assert r.exit_code == 2 and "--hw" in r.output
+    assert invoke("predict", "--strategy", "vote5", "--strategy", "vote5").exit_code == 0
+    r = invoke("metrics", "--strategy", "vote5", "--strategy", "bon4", "--draws", "50")
+    assert r.exit_code == 0 and "vote5" in r.output and "bon4" in r.output
