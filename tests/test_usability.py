@@ -237,3 +237,37 @@ def test_repeated_strategy_on_predict_is_refused():
     assert invoke("predict", "--strategy", "vote5", "--strategy", "vote5").exit_code == 0
     r = invoke("metrics", "--strategy", "vote5", "--strategy", "bon4", "--draws", "50")
     assert r.exit_code == 0 and "vote5" in r.output and "bon4" in r.output
+
+
+# --------------------------------------------------------------------------- defect 8
+
+
+def test_missing_gpu_extra_names_the_package_not_no_gpu(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import ttcsim.gpu as gpu
+    from ttcsim.errors import GpuUnavailableError
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # not installed
+    monkeypatch.setitem(sys.modules, "pynvml", types.ModuleType("pynvml"))
+    assert gpu.missing_gpu_packages() == ["torch"]
+    ok, why = gpu.gpu_status()
+    assert not ok and "missing: torch" in why and "pip install 'ttcsim[gpu]'" in why
+    with pytest.raises(GpuUnavailableError) as info:
+        gpu.require_gpu()
+    assert "no NVIDIA GPU" not in str(info.value) and "ttcsim[gpu]" in str(info.value)
+    r = invoke("calibrate", "run", "--out", tmp_path / "p.yaml")
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "[gpu] extra is not installed (missing: torch)" in r.output
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert gpu.missing_gpu_packages() == ["torch", "nvidia-ml-py"]
+
+
+def test_present_extra_without_a_device_is_still_no_gpu(monkeypatch):
+    import ttcsim.gpu as gpu
+    from ttcsim.errors import GpuUnavailableError
+
+    monkeypatch.setattr(gpu, "gpu_status", lambda: (False, "torch 2.4 sees no CUDA device"))
+    with pytest.raises(GpuUnavailableError, match="^no NVIDIA GPU: torch 2.4 sees no CUDA"):
+        gpu.require_gpu()
