@@ -309,30 +309,51 @@ def hw() -> None:
 
 
 @hw.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def hw_list() -> None:
+def hw_list(as_json: bool) -> None:
     """List the shipped hardware profiles."""
+    from ttcsim.console import render_table
     from ttcsim.hardware import get_profile, list_profiles
 
-    click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6}  parameters")
+    records = []
     for name in list_profiles():
         p = get_profile(name)
         d = p.datasheet
-        click.echo(
-            f"{name:<16} {','.join(p.aliases):<8} {d.hbm_bandwidth_bytes_per_s / 1e12:6.2f}TB/s "
-            f"{d.peak_flops_per_s['bf16'] / 1e12:7.0f}TFLOP/s {d.power_limit_w:5.0f}W  "
-            f"{p.provenance.parameters.status}"
-        )
+        records.append({
+            "name": name,
+            "aliases": list(p.aliases),
+            "memory_capacity_bytes": d.memory_capacity_bytes,
+            "hbm_bandwidth_bytes_per_s": d.hbm_bandwidth_bytes_per_s,
+            "peak_flops_per_s": dict(d.peak_flops_per_s),
+            "power_limit_w": d.power_limit_w,
+            "parameters": p.provenance.parameters.status,
+        })
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(render_table(
+        ["name", "aliases", "HBM TB/s", "bf16 TFLOP/s", "limit W", "parameters"],
+        [[r["name"], ",".join(r["aliases"]), f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}",
+          f"{r['peak_flops_per_s']['bf16'] / 1e12:.0f}", f"{r['power_limit_w']:.0f}",
+          r["parameters"]] for r in records],
+        align="<<>>><",
+    ))
 
 
 @hw.command("show")
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
 @_friendly
-def hw_show(name: str) -> None:
+def hw_show(name: str, as_json: bool) -> None:
     """Print one profile (name, alias or path) as YAML."""
     from ttcsim.hardware import get_profile
 
-    click.echo(get_profile(name).to_yaml())
+    profile = get_profile(name)
+    if as_json:
+        click.echo(json.dumps(profile.model_dump(mode="json"), indent=2))
+        return
+    click.echo(profile.to_yaml())
 
 
 @main.group()
@@ -341,29 +362,59 @@ def models() -> None:
 
 
 @models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def models_list() -> None:
+def models_list(as_json: bool) -> None:
     """List catalog models with their parameter counts."""
+    from ttcsim.console import render_table
     from ttcsim.models import list_models
     from ttcsim.simulator.architecture import active_parameter_count, parameter_count
 
-    click.echo(f"{'name':<28} {'aliases':<6} {'params':>8} {'active':>8} {'layers':>6} {'kv heads':>8}")
-    for m in list_models():
-        click.echo(
-            f"{m.name:<28} {','.join(m.aliases):<6} {parameter_count(m) / 1e9:7.2f}B "
-            f"{active_parameter_count(m) / 1e9:7.2f}B {m.n_layers:>6} {m.n_kv_heads:>8}"
-        )
+    records = [
+        {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "parameters": parameter_count(m),
+            "active_parameters": active_parameter_count(m),
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads,
+        }
+        for m in list_models()
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(render_table(
+        ["name", "aliases", "params", "active", "layers", "heads", "kv heads"],
+        [[r["name"], ",".join(r["aliases"]), f"{r['parameters'] / 1e9:.2f}B",
+          f"{r['active_parameters'] / 1e9:.2f}B", str(r["n_layers"]), str(r["n_heads"]),
+          str(r["n_kv_heads"])] for r in records],
+        align="<<>>>>>",
+    ))
 
 
 @main.command("strategies")
-def strategies_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of text.")
+def strategies_cmd(as_json: bool) -> None:
     """List test-time-compute strategies with their cost formulas."""
+    import textwrap
+
+    from ttcsim.console import TABLE_WIDTH
     from ttcsim.strategies import registry
 
-    for cls in registry().values():
-        click.echo(f"{cls.pattern:<14} {cls.summary}")
-        for line in cls.formula().splitlines():
-            click.echo(f"{'':<16}{line}")
+    records = [
+        {"name": name, "pattern": cls.pattern, "summary": cls.summary, "formula": cls.formula()}
+        for name, cls in registry().items()
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        click.echo(r["pattern"])
+        for line in [r["summary"], *r["formula"].splitlines()]:
+            click.echo(textwrap.fill(line, TABLE_WIDTH, initial_indent="    ",
+                                     subsequent_indent="      ", break_on_hyphens=False))
 
 
 def _resolve_hw_for_runs(hw_opt: str | None, runs):
@@ -406,13 +457,14 @@ def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
 def _print_validation(report: dict) -> None:
     status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
     click.echo(f"profile {report['hw']} ({status}), {len(report['runs'])} runs")
-    click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
-    for r in report["runs"]:
-        click.echo(
-            f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
-            f"{r['energy_ape_pct']:5.1f}%  {r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} "
-            f"{r['latency_ape_pct']:5.1f}%"
-        )
+    from ttcsim.console import render_table
+
+    click.echo(render_table(
+        ["run", "E meas J", "E pred J", "err", "t meas s", "t pred s", "err"],
+        [[r["id"], f"{r['energy_j']:.1f}", f"{r['energy_j_pred']:.1f}", f"{r['energy_ape_pct']:.1f}%",
+          f"{r['latency_s']:.3f}", f"{r['latency_s_pred']:.3f}", f"{r['latency_ape_pct']:.1f}%"]
+         for r in report["runs"]],
+    ))
     for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency")):
         s = report["summary"][key]
         click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")

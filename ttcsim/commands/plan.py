@@ -69,30 +69,34 @@ def _slo_text(p) -> str:
 
 
 def _print_plan(p) -> None:
-    click.echo(
+    import textwrap
+
+    from ttcsim.console import TABLE_WIDTH, render_table
+
+    def echo_wrapped(text: str, indent: str = "") -> None:
+        click.echo(textwrap.fill(text, TABLE_WIDTH, initial_indent=indent,
+                                 subsequent_indent=indent + "  ", break_on_hyphens=False))
+
+    echo_wrapped(
         f"plan: {p.model}, {p.strategy}, {p.qps:g} queries/s ({p.arrivals}), prompt "
         f"{p.prompt_tokens_spec}, output {p.output_tokens_spec} per sample"
     )
-    click.echo(
-        f"  SLO {_slo_text(p)}; max batch {p.max_batch} sequences, {p.chunk_tokens} tokens per "
+    echo_wrapped(
+        f"SLO {_slo_text(p)}; max batch {p.max_batch} sequences, {p.chunk_tokens} tokens per "
         f"pass; ${p.usd_per_gpu_hour:g}/GPU-h, ${p.usd_per_kwh:g}/kWh, "
-        f"{p.carbon_g_per_kwh:g} gCO2/kWh, PUE {p.pue:g}"
+        f"{p.carbon_g_per_kwh:g} gCO2/kWh, PUE {p.pue:g}",
+        "  ",
     )
-    header = "  " + " ".join(
-        f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w, _) in enumerate(_COLUMNS)
-    )
-    if any(o.slo_met for o in p.options):
-        click.echo(header)
-    for o in p.options:
-        if not o.slo_met:
-            continue
-        cells = [f(o) for _, _, f in _COLUMNS]
-        line = " ".join(
-            f"{c:>{w}}" if i else f"{c:<{w}}"
-            for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS, strict=True))
-        )
-        marks = ("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")
-        click.echo(f"  {line}  {marks}".rstrip())
+    met = [o for o in p.options if o.slo_met]
+    if met:
+        rows = [
+            [f(o) for _, _, f in _COLUMNS]
+            + [("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")]
+            for o in met
+        ]
+        headers = [h for h, _, _ in _COLUMNS] + [""]
+        click.echo(render_table(headers, rows, align="<" + ">" * (len(_COLUMNS) - 1) + "<",
+                                indent="  "))
     what_by_cause = {
         "memory": "does not fit",
         "setup": "cannot run",
