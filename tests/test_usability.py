@@ -271,3 +271,71 @@ def test_present_extra_without_a_device_is_still_no_gpu(monkeypatch):
     monkeypatch.setattr(gpu, "gpu_status", lambda: (False, "torch 2.4 sees no CUDA device"))
     with pytest.raises(GpuUnavailableError, match="^no NVIDIA GPU: torch 2.4 sees no CUDA"):
         gpu.require_gpu()
+
+
+# --------------------------------------------------------------------------- defect 7
+
+LONG_HW = "my-lab-h100-sxm-80gb-calibrated-on-node-17-after-the-driver-upgrade-2026-12-04"
+
+
+def test_render_table_fits_and_keeps_columns_aligned():
+    from ttcsim.console import render_table
+
+    headers = ["hw", "model", *(f"metric{i}" for i in range(14))]
+    rows = [[LONG_HW, "llama-3.1-8b", *(f"{1234.5 * i:.1f}" for i in range(14))],
+            ["h100", "a-model-with-a-very-long-name-from-a-config-json-file",
+             *(f"{i:.1f}" for i in range(14))]]
+    text = render_table(headers, rows, keys=2)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100
+    blocks = text.split("\n\n")
+    assert len(blocks) >= 2
+    for block in blocks:
+        head, *body = block.splitlines()
+        assert head.startswith("hw")  # every block repeats the key columns
+        ends = {m.end() for m in __import__("re").finditer(r"metric\d+", head)}
+        for line in body:
+            for m in __import__("re").finditer(r"(?<= )\d+\.\d(?= |$)", line):  # right-aligned
+                assert m.end() in ends
+    # wrapped key cells rebuild the full name, nothing cut
+    first_col = [ln[:28].strip() for ln in blocks[0].splitlines()[1:5]]
+    assert "".join(first_col) == LONG_HW
+
+
+def test_render_table_narrow_tables_are_unchanged_in_layout():
+    from ttcsim.console import render_table
+
+    assert render_table(["a", "bb"], [["x", "1"], ["yyy", "22"]]) == "a    bb\nx     1\nyyy  22"
+
+
+@pytest.fixture()
+def long_profile(tmp_path):
+    from ttcsim.hardware import _builtin_files
+
+    text = _builtin_files()["h100-sxm-80gb"].read_text()
+    path = tmp_path / f"{LONG_HW}.yaml"
+    path.write_text("\n".join(f"name: {LONG_HW}" if ln.startswith("name:") else ln
+                              for ln in text.splitlines()) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "--hw", "{hw}", "--strategy", "vote8(refine3)"),
+        ("metrics", "--hw", "{hw},h100", "--strategy", "vote8(refine3)", "--strategy",
+         "adaptive-vote16:p=0.7,batch=4", "--draws", "50"),
+        ("curve", "--hw", "{hw}", "--strategy", "vote8(refine3)", "--vary", "output-tokens=64,128"),
+        ("plan", "--hw", "{hw},h100", "--qps", "2", "--tp", "1", "--queries", "60",
+         "--output-tokens", "128"),
+        ("hw", "list"),
+        ("models", "list"),
+        ("strategies",),
+    ],
+)
+def test_tables_fit_100_columns_with_long_names(long_profile, args):
+    r = invoke(*(a.replace("{hw}", str(long_profile)) for a in args))
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.output.splitlines()) <= 100, r.output
+    if "{hw}" in " ".join(args):
+        assert LONG_HW[:20] in r.output

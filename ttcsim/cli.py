@@ -232,8 +232,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def main(quiet: bool, verbose: bool) -> None:
     """ttcsim: what an LLM query costs in energy, before you run it.
 
-    \b
-    Shell completion: eval "$(_TTCSIM_COMPLETE=bash_source ttcsim)" in ~/.bashrc
+    Shell completion: put eval "$(_TTCSIM_COMPLETE=bash_source ttcsim)" in ~/.bashrc
     (zsh_source in ~/.zshrc; fish: _TTCSIM_COMPLETE=fish_source ttcsim | source).
     """
 
@@ -297,7 +296,9 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
         rows.append(("CO2", f"{r.co2_g:.3f} g"))
     if r.usd is not None:
         rows.append(("cost", f"${r.usd:.6f}"))
-    click.echo(head)
+    from ttcsim.console import wrap_text
+
+    click.echo(wrap_text(head))
     click.echo(_table(rows))
     if not r.calibrated_profile:
         note(f"{r.hw} uses datasheet-default parameters (not calibrated)")

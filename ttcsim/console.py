@@ -20,14 +20,21 @@ Only the standard library is imported (the CLI's start-up stays fast).
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 
 #: Widest table line, indent included [characters].
 TABLE_WIDTH = 100
 #: Key cells longer than this wrap onto continuation lines [characters].
-MAX_KEY_WIDTH = 36
+MAX_KEY_WIDTH = 28
 #: Spaces between columns.
 GAP = 2
+
+
+def wrap_text(text: str, indent: str = "", width: int = TABLE_WIDTH) -> str:
+    """A line of prose within ``width``: continuation lines indented two more spaces."""
+    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False, break_long_words=True)
 
 
 def wrap_cell(text: str, width: int) -> list[str]:

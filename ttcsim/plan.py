@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from ttcsim.distributions import LengthDistribution, LengthList, parse_lengths
 from ttcsim.deployment import dtype_problem, tensor_parallel_problem
+from ttcsim.distributions import LengthDistribution, LengthList, parse_lengths
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ttcsim import metrics as m
+from ttcsim.deployment import check_deployment, tensor_parallel_problem
 from ttcsim.distributions import (
     Fixed,
     LengthDistribution,
@@ -34,7 +35,6 @@ from ttcsim.distributions import (
     quadrature_nodes,
     shift_lengths,
 )
-from ttcsim.deployment import check_deployment, tensor_parallel_problem
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.deployment import dtype_problem, tensor_parallel_problem
+from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model

@@ -69,13 +69,10 @@ def _slo_text(p) -> str:
 
 
 def _print_plan(p) -> None:
-    import textwrap
-
-    from ttcsim.console import TABLE_WIDTH, render_table
+    from ttcsim.console import render_table, wrap_text
 
     def echo_wrapped(text: str, indent: str = "") -> None:
-        click.echo(textwrap.fill(text, TABLE_WIDTH, initial_indent=indent,
-                                 subsequent_indent=indent + "  ", break_on_hyphens=False))
+        click.echo(wrap_text(text, indent))
 
     echo_wrapped(
         f"plan: {p.model}, {p.strategy}, {p.qps:g} queries/s ({p.arrivals}), prompt "
@@ -106,15 +103,15 @@ def _print_plan(p) -> None:
     for o in p.options:
         if not o.slo_met:
             what = what_by_cause.get(o.cause, "cannot meet the SLO" if o.fits else "does not fit")
-            click.echo(f"  {o.hw} tp{o.tp}: {what}: {o.reason}")
+            echo_wrapped(f"{o.hw} tp{o.tp}: {what}: {o.reason}", "  ")
     click.echo(
         "  ($ = cheapest, E = lowest energy; kW, kWh and J at the GPUs, costs and CO2 with PUE)"
     )
     r = p.recommended
     if r is None:
-        click.echo(f"infeasible ({p.cause}): {p.reason}")
+        echo_wrapped(f"infeasible ({p.cause}): {p.reason}")
     else:
-        click.echo(
+        echo_wrapped(
             f"recommended: {r.gpus}x {r.hw} ({r.replicas} "
             f"{'replica' if r.replicas == 1 else 'replicas'} of tp{r.tp}, "
             f"batch {r.batch:.0f}, utilisation {r.utilization:.0%}): "
@@ -122,13 +119,14 @@ def _print_plan(p) -> None:
             f"{r.j_per_query:,.0f} J ({r.wh_per_query:.3f} Wh) per query, "
             f"{r.co2_tonnes_per_year:.2f} t CO2/year"
         )
-    for note in p.notes:
-        click.echo(f"  note: {note}")
+    from ttcsim.cli import quiet
+
+    notes = list(p.notes)
     uncalibrated = [name for name, cal in p.calibrated_profiles.items() if not cal]
     if uncalibrated:
-        click.echo(
-            f"  note: datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}"
-        )
+        notes.append(f"datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}")
+    for text in notes if not quiet() else ():
+        echo_wrapped(f"note: {text}", "  ")
 
 
 @click.command("plan")
