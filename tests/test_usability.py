@@ -339,3 +339,92 @@ def test_tables_fit_100_columns_with_long_names(long_profile, args):
     assert max(len(line) for line in r.output.splitlines()) <= 100, r.output
     if "{hw}" in " ".join(args):
         assert LONG_HW[:20] in r.output
+
+
+# --------------------------------------------------------------------------- conventions
+
+
+def test_python_dash_m_ttcsim_runs_the_cli():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ttcsim", "hw", "list", "--json"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert any(p["name"] == "h100-sxm-80gb" for p in json.loads(r.stdout))
+    r = subprocess.run([sys.executable, "-m", "ttcsim", "--help"], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0 and "Usage: ttcsim" in r.stdout
+
+
+def test_py_typed_ships_and_license_matches_pyproject():
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert (root / "ttcsim" / "py.typed").exists()
+    assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["ttcsim"]
+    assert meta["project"]["license"]["text"] == "Apache-2.0"
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("hw", "list"),
+        ("hw", "show", "h200"),
+        ("models", "list"),
+        ("strategies",),
+        ("curve", "--vary", "output-tokens=64,128"),
+        ("metrics", "--strategy", "vote5", "--draws", "50"),
+        ("plan", "--qps", "1", "--tp", "1", "--queries", "60", "--output-tokens", "128"),
+        ("predict",),
+        ("pareto", "--accuracy", "deepseek-r1-distill"),
+    ],
+)
+def test_json_on_every_printing_command(args):
+    r = CliRunner().invoke(main, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data
+
+
+def test_sweep_summary_json(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("model: [8b]\noutput_tokens: [64, 128]\n")
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(tmp_path / "o.csv"),
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output[r.output.index("{"):])
+    assert data["rows"] == 2 and data["fitting_rows"] == 2 and data["format"] == "csv"
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", "x.csv", "--dry-run", "--json"])
+    assert json.loads(r.output) == {"scenarios": 2, "deployments": 1,
+                                    "scenarios_per_deployment": 2}
+
+
+def test_quiet_drops_notes_and_verbose_is_accepted():
+    loud = invoke("predict", "--hw", "a100")
+    assert "note: a100-sxm-80gb uses datasheet-default" in loud.output
+    hushed = invoke("--quiet", "predict", "--hw", "a100")
+    assert hushed.exit_code == 0 and "note:" not in hushed.output
+    assert hushed.output.splitlines()[:3] == loud.output.splitlines()[:3]
+    assert invoke("-v", "predict").exit_code == 0
+    r = invoke("-q", "metrics", "--hw", "a100", "--draws", "50")
+    assert r.exit_code == 0 and "note:" not in r.output
+
+
+def test_help_does_not_import_heavy_modules():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ttcsim.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('pandas', 'matplotlib', 'scipy', 'numpy', 'pydantic')"
+            " if m in sys.modules]\nprint(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -77,8 +77,10 @@ def _workload_options(fn):
               help="Write a PNG: energy per query and per output token against the axis.")
 @click.option("--metric", "metrics", multiple=True,
               help="Column(s) to plot (default energy_j and j_per_output_token).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, **kw) -> None:
+def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, as_json,
+          **kw) -> None:
     """Operating curve: energy per query along one workload axis."""
     from ttcsim.curves import CURVE_METRICS, operating_curve
     from ttcsim.errors import TtcsimError
@@ -93,13 +95,17 @@ def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, **k
         from ttcsim.io import atomic_write_text
 
         atomic_write_text(out_path, frame.to_csv(index=False))
-        click.echo(f"wrote {len(frame)} points -> {out_path}")
+        if not as_json:
+            click.echo(f"wrote {len(frame)} points -> {out_path}")
     if plot_path:
         from ttcsim.plotting import plot_curve
 
         plot_curve(frame, plot_path, metrics=tuple(metrics) or ("energy_j", "j_per_output_token"))
-        click.echo(f"plot -> {plot_path}")
-    if not out_path:
+        if not as_json:
+            click.echo(f"plot -> {plot_path}")
+    if as_json:
+        click.echo(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
+    elif not out_path:
         _print_curve(frame)
     bad = frame[frame["status"] != "ok"]
     if len(bad):
