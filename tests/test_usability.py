@@ -428,3 +428,63 @@ def test_help_does_not_import_heavy_modules():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --------------------------------------------------------------------------- plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(strategy="vote5", output_tokens="200,600,1024,300,800"),
+        dict(model="70b", tp=2, concurrency=4, strategy="vote2", output_tokens="200,900"),
+        dict(strategy="bon4", output_tokens=512),
+        dict(strategy="beam4:step=64,depth=4"),
+    ],
+)
+def test_power_timeline_adds_up_to_the_prediction(kw):
+    from ttcsim.plot_power import power_timeline
+    from ttcsim.predict import predict
+
+    tl = power_timeline(**kw)
+    r = predict(**kw, percentiles=False)
+    energy = sum(sp.energy_j for sp in tl.spans)
+    assert energy == pytest.approx(r.energy_j * r.concurrency, rel=1e-9)
+    assert tl.spans[0].name == "prefill" and tl.spans[0].start_s == 0.0
+    for a, b in zip(tl.spans, tl.spans[1:], strict=False):
+        assert b.start_s == pytest.approx(a.start_s + a.duration_s)
+    for sp in tl.spans:
+        assert tl.idle_power_w <= sp.avg_power_w <= tl.power_limit_w * (1 + 1e-9)
+        if sp.curve_time_s:  # the decode curve integrates to the phase's energy (2 %)
+            t = np.diff(np.concatenate([[0.0], sp.curve_time_s]))
+            e = float(np.sum(t * np.asarray(sp.curve_power_w))) * tl.gpus
+            assert e == pytest.approx(sp.energy_j, rel=0.02)
+    throttled = [sp.name for sp in tl.spans if sp.throttled]
+    assert list(dict.fromkeys(throttled)) == r.power_limited_phases
+
+
+def test_predict_plot_writes_timeline_and_histogram(tmp_path):
+    fixed, random = tmp_path / "fixed.png", tmp_path / "random.png"
+    r = invoke("predict", "--strategy", "vote5", "--plot", fixed)
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", "--strategy", "vote5", "--output-tokens",
+               "lognormal:median=800,sigma=0.7,max=8192", "--plot", random)
+    assert r.exit_code == 0, r.output
+    assert fixed.read_bytes()[:8] == PNG and random.read_bytes()[:8] == PNG
+    from PIL import Image
+
+    with Image.open(fixed) as a, Image.open(random) as b:
+        assert b.size[1] > 1.5 * a.size[1]  # the histogram panel below the timeline
+
+
+def test_sweep_default_plot_renders(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("hw: [h100, a100]\nstrategy: [single, vote4]\n"
+                    "output_tokens: [256, 1024, 'lognormal:median=600,sigma=0.7,max=4096']\n"
+                    "prompt_tokens: [128, 2048]\n")
+    out, png = tmp_path / "o.csv", tmp_path / "o.png"
+    r = invoke("sweep", grid, "--out", out, "--plot", png)
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == PNG

@@ -254,7 +254,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a PNG: the query's power timeline (phases, power limit); with random lengths also the histogram of energy per query (p50, p90).")
 @_friendly
 def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     """Predict joules, latency and power of one query."""
@@ -262,9 +262,9 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
 
     r = run_predict(**kw)
     if plot_path:
-        from ttcsim.metrics import write_energy_histogram
+        from ttcsim.plot_power import plot_prediction
 
-        write_energy_histogram(plot_path, **kw)
+        plot_prediction(plot_path, **kw)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
