@@ -8,7 +8,8 @@ pricing them silently:
   ``tp`` must divide them, or, when there are fewer KV heads than GPUs, be a
   multiple of them: each KV head is then *replicated* on ``tp / n_kv_heads``
   GPUs (vLLM's rule), so every GPU stores and reads one KV head
-  (:func:`kv_heads_per_gpu`).
+  (:func:`kv_heads_per_gpu`).  An MLA model (DeepSeek-V2/V3) caches one
+  latent per token, kept whole on every GPU, so only its query heads count.
 * **Weight dtypes with their own tensor-core rate** (fp8, int8: W8A8) need
   those tensor cores: the profile must list ``peak_flops_per_s.<dtype>``.  An
   A100 has no fp8 tensor cores, so fp8 weights on it are refused rather than
@@ -36,6 +37,8 @@ def tensor_parallel_problem(spec, tp: int) -> str | None:
         return None
     if spec.n_heads % tp:
         return f"{spec.name} has {spec.n_heads} attention heads, which {tp} GPUs cannot split"
+    if getattr(spec, "is_mla", False):  # one latent KV head, kept whole on every GPU
+        return None
     kv = spec.n_kv_heads
     if kv >= tp and kv % tp:
         return f"{spec.name} has {kv} KV heads, which {tp} GPUs cannot split"

@@ -20,7 +20,7 @@ ZOOM_SHARE = 0.03
 #: Arguments of :func:`ttcsim.predict.predict` that fix the query (the rest are ignored).
 _QUERY_ARGS = (
     "hw", "model", "strategy", "prompt_tokens", "output_tokens", "concurrency", "tp",
-    "weight_dtype", "kv_dtype", "prefix_cache", "reward_model",
+    "weight_dtype", "kv_dtype", "prefix_cache", "reward_model", "engine",
 )  # fmt: skip
 
 
@@ -69,7 +69,7 @@ def power_timeline(**predict_kw) -> Timeline:
     kw = {k: predict_kw[k] for k in _QUERY_ARGS if k in predict_kw}
     defaults = dict(hw="h100", model="8b", strategy="single", prompt_tokens=512,
                     output_tokens=1024, concurrency=1, tp=1, weight_dtype="bf16",
-                    kv_dtype=None, prefix_cache=True, reward_model=None)
+                    kv_dtype=None, prefix_cache=True, reward_model=None, engine=None)
     s = _prepare(**{**defaults, **kw})
     lengths = s.lengths
     note = f"output {lengths} tokens per sample"
