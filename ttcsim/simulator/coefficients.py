@@ -5,7 +5,9 @@
 cost needs, so the hot functions in :mod:`ttcsim.simulator.roofline` take only
 floats or numpy arrays (and so broadcast over scenarios).  All quantities are
 per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
-``tp`` ways (Megatron-style column/row sharding).
+``tp`` ways (Megatron-style column/row sharding).  With fewer KV heads than
+``tp``, each KV head is replicated on ``tp / n_kv_heads`` GPUs, so a GPU stores
+and reads one KV head (see :mod:`ttcsim.deployment`).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def pass_coefficients(
     link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
     ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
     n_allreduce = 2 * spec.n_layers if tp > 1 else 0
-    kv_split = 1 if spec.is_mla else tp  # the MLA latent is one head: every GPU keeps it all
+    # the MLA latent is one head: every GPU keeps it all; fewer KV heads than GPUs: replicas
+    kv_split = 1 if spec.is_mla else min(tp, spec.n_kv_heads)
     extra: dict = {}
     if engine is not None and not engine.is_reference:
         from ttcsim.engines.physics import coefficient_terms, scaled_parameters

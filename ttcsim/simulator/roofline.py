@@ -221,20 +221,25 @@ def forward_pass(
     if throttled.any():
         idx = np.nonzero(throttled)
         sub = tuple(v[idx] for v in (t_wm, t_wc, t_am, t_ac, t_fix))
+        # power fields may vary per pass (options of several GPUs stacked together)
+        static_w, limit_w, gamma = (
+            np.broadcast_to(np.asarray(v, dtype=float), t.shape)[idx]
+            for v in (c.static_power_w, c.power_limit_w, c.dvfs_energy_exponent)
+        )
         s = solve_clock_scale(
             lambda x, j: time_at(x, sub if j is None else tuple(v[j] for v in sub)),
             e_mem[idx],
             e_comp[idx],
-            c.static_power_w,
-            c.power_limit_w,
-            c.dvfs_energy_exponent,
+            static_w,
+            limit_w,
+            gamma,
         )
         t = t.copy()
         e_dyn = e_dyn.copy()
-        e_dyn[idx] = e_mem[idx] + s**c.dvfs_energy_exponent * e_comp[idx]
+        e_dyn[idx] = e_mem[idx] + s**gamma * e_comp[idx]
         # if even the lowest clock stays over the limit (memory traffic alone too
         # costly), the limiter stretches the pass until the power is the limit
-        head = max(c.power_limit_w - c.static_power_w, 1e-9)
+        head = np.maximum(limit_w - static_w, 1e-9)
         t[idx] = np.maximum(time_at(s, sub), e_dyn[idx] / head)
     t = np.where(active, t, 0.0)
     e_dyn = np.where(active, e_dyn, 0.0)
