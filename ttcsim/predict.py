@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ttcsim import metrics as m
+from ttcsim.deployment import check_deployment, tensor_parallel_problem
 from ttcsim.distributions import (
     Fixed,
     LengthDistribution,
@@ -39,7 +40,13 @@ from ttcsim.engines import physics as engine_physics
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    context_read_tokens,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.phases import Draws, PhaseCost, _expand
 from ttcsim.strategies import Strategy, Workload, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
@@ -91,6 +98,8 @@ class Prediction(BaseModel):
     avg_power_w: float
     peak_power_w: float
     power_limited: bool
+    #: phases in which the model's power limit lowered the clock (prefill, decode, ...)
+    power_limited_phases: list[str] = Field(default_factory=list)
 
     energy_j_p50: float | None = None
     energy_j_p90: float | None = None
@@ -165,6 +174,7 @@ def memory_needed_bytes(
         * ACTIVATION_BYTES
         + n_queries * samples * spec.vocab_size * 4.0
     )
+    kv_tokens = kv_cache_tokens(c, kv_tokens, n_queries * samples)
     return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
 
 
@@ -222,7 +232,8 @@ def strategy_memory_bytes(
         extra = strategy.extra_memory_bytes(
             coefficients, prompt_tokens, max_output_tokens, n_queries
         )
-    return c.weight_bytes_total + n_queries * kv * c.kv_bytes_per_token + workspace + extra
+    kv_tokens = kv_cache_tokens(c, n_queries * kv, n_queries * sequences)
+    return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace + extra
 
 
 _COEFF_CACHE: dict = {}
@@ -251,7 +262,7 @@ class _Totals:
     dynamic: object
     ttft: object
     peak: float
-    throttled: bool
+    throttled: tuple  #: names of the phases the power limit slowed (in order)
     energy_by: dict = field(default_factory=dict)  # bucket -> J per query
     time_by: dict = field(default_factory=dict)  # bucket -> batch seconds
     tokens_by: dict = field(default_factory=dict)  # bucket -> processed tokens per query
@@ -284,7 +295,7 @@ class _Totals:
             self.dynamic + o.dynamic,
             self.ttft + o.ttft,
             max(self.peak, o.peak),
-            self.throttled or o.throttled,
+            self.throttled + tuple(n for n in o.throttled if n not in self.throttled),
             add(self.energy_by, o.energy_by),
             add(self.time_by, o.time_by),
             add(self.tokens_by, o.tokens_by),
@@ -345,7 +356,7 @@ def _totals(phases: list[PhaseCost], q: int, c: PassCoefficients) -> _Totals:
         dynamic=dynamic,
         ttft=phases[0].query_time_s,
         peak=float(max(p.peak_power_w for p in phases)),
-        throttled=any(p.throttled for p in phases),
+        throttled=tuple(dict.fromkeys(p.name for p in phases if p.throttled)),
         energy_by=energy_by,
         time_by=time_by,
         tokens_by=tokens_by,
@@ -473,6 +484,7 @@ def _prepare(
     if weight_dtype == "fp32":
         raise TtcsimError("fp32 weights are not an inference dtype here", "--dtype")
     kv_dtype = kv_dtype or ("fp8" if weight_dtype == "fp8" else "bf16")
+    check_deployment(profile, spec, weight_dtype, tp)
     lengths = parse_lengths(output_tokens, "--output-tokens")
     if isinstance(lengths, LengthList):
         _expand(lengths, concurrency, strat.draws_per_query, "--output-tokens")
@@ -510,6 +522,10 @@ def _prepare(
                     where = "--reward-model" if name == reward_model else "--strategy"
                     text = str(exc).removeprefix("--model: ")
                     raise TtcsimError(f"reward model: {text}", where) from None
+                problem = tensor_parallel_problem(rm_spec, tp_k)
+                if problem:
+                    where = "--reward-model" if name == reward_model else "--strategy"
+                    raise TtcsimError(f"reward model: {problem} (--tp {tp_k})", where)
                 reward_cache[key] = _coefficients(
                     profile, rm_spec, weight_dtype, kv_dtype, tp_k, eng
                 )
@@ -539,6 +555,7 @@ def _prepare(
                 k
                 for k in (2, 4, 8, 16, 32, 64)
                 if k > tp
+                and tensor_parallel_problem(spec, k) is None
                 and need_for(k)
                 <= _coefficients(
                     profile, spec, weight_dtype, kv_dtype, k, eng
@@ -604,7 +621,8 @@ def _continuous_batch(c: PassCoefficients, spec: ModelSpec, eng: EngineProfile, 
         4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
     ) * ACTIVATION_BYTES  # logits and prefill activations, as memory_needed_bytes
     free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
-    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, p_max + kv_len,
+    kept = float(context_read_tokens(c, p_max + kv_len))  # a sliding layer keeps its window
+    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, kept,
                                            eng.kv_cache.block_tokens)
     if fit < 1:
         raise DoesNotFitError(
@@ -745,6 +763,7 @@ def predict(
         avg_power_w=float(energy * q / makespan) if makespan > 0 else 0.0,
         peak_power_w=float(totals.peak),
         power_limited=bool(totals.throttled),
+        power_limited_phases=list(totals.throttled),
         pue=pue,
         energy_facility_j=float(energy * pue),
         co2_g=None if carbon_g_per_kwh is None else float(kwh * carbon_g_per_kwh),

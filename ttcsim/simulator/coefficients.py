@@ -5,12 +5,16 @@
 cost needs, so the hot functions in :mod:`ttcsim.simulator.roofline` take only
 floats or numpy arrays (and so broadcast over scenarios).  All quantities are
 per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
-``tp`` ways (Megatron-style column/row sharding).
+``tp`` ways (Megatron-style column/row sharding).  With fewer KV heads than
+``tp``, each KV head is replicated on ``tp / n_kv_heads`` GPUs, so a GPU stores
+and reads one KV head (see :mod:`ttcsim.deployment`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ttcsim.hardware import HardwareProfile
 from ttcsim.models import ModelSpec
@@ -35,6 +39,8 @@ class PassCoefficients:
     linear_flops_per_token: float  #: [FLOP/token]
     kv_bytes_per_token: float  #: K+V, all layers [B/token]
     attention_flops_per_pair: float  #: [FLOP/(query*key)]
+    attention_window_tokens: float  #: sliding window W [tokens]; inf without one
+    windowed_fraction: float  #: phi: share of KV bytes and attention FLOPs in sliding layers
     weight_bandwidth_bytes_per_s: float  #: achieved when streaming weights
     attention_bandwidth_bytes_per_s: float  #: achieved when reading KV
     gemm_flops_per_s: float  #: achieved dense GEMM rate in the weight dtype
@@ -70,6 +76,40 @@ class PassCoefficients:
     max_num_seqs: int = 0  #: continuous batching: most running sequences
     prefill_tokens_per_pass: float = 0.0  #: 0: one pass per prefill phase
     prefill_chunked: bool = False  #: a prompt may be split across prefill passes
+    #: bf16 tensor-core energy per FLOP (prefill attention's causal pairs) [J/FLOP]
+    energy_per_bf16_flop_j: float = 0.0
+    #: activation bytes per token through the unfused elementwise kernels [B/token]
+    activation_bytes_per_token: float = 0.0
+    #: bytes per token of the largest activation tensor (gate/up output) [B/token]
+    activation_row_bytes: float = 1.0
+
+
+
+def _ffn_width(spec: ModelSpec) -> int:
+    """Intermediate width a token's FFN computes (active and shared experts for MoE)."""
+    if spec.is_moe:
+        return spec.expert_intermediate_size * (spec.n_active_experts + spec.n_shared_experts)
+    return spec.intermediate_size
+
+
+def activation_bytes_per_token(spec: ModelSpec) -> float:
+    """Activation bytes one token moves through a pass's unfused kernels [B/token].
+
+    Count of the reads and writes per layer of an eager (unfused) decoder
+    layer, in elements, times ``ACTIVATION_BYTES``::
+
+        L * (14 H + 8 I + (11 H_q + 8 H_kv) d)
+
+    ``14 H``: two RMSNorms (read + write), two residual adds (2 reads + 1
+    write), the QKV, O, gate/up and down GEMMs' H-wide inputs/outputs;
+    ``8 I``: gate/up output (2 I), SiLU (read + write I), the product (2 reads
+    + 1 write), the down GEMM's input; ``(11 H_q + 8 H_kv) d``: QKV output,
+    RoPE on q and k (four passes), KV-cache writes, the GQA K/V expansion and
+    the attention's q/o.  About 14 MB per token for Llama-3.1-8B.
+    """
+    h, d = spec.hidden_size, spec.head_dim
+    per_layer = 14 * h + 8 * _ffn_width(spec) + (11 * spec.n_heads + 8 * spec.n_kv_heads) * d
+    return float(spec.n_layers * per_layer * ACTIVATION_BYTES)
 
 
 def pass_coefficients(
@@ -99,7 +139,8 @@ def pass_coefficients(
     link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
     ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
     n_allreduce = 2 * spec.n_layers if tp > 1 else 0
-    kv_split = 1 if spec.is_mla else tp  # the MLA latent is one head: every GPU keeps it all
+    # the MLA latent is one head: every GPU keeps it all; fewer KV heads than GPUs: replicas
+    kv_split = 1 if spec.is_mla else min(tp, spec.n_kv_heads)
     extra: dict = {}
     if engine is not None and not engine.is_reference:
         from ttcsim.engines.physics import coefficient_terms, scaled_parameters
@@ -117,6 +158,8 @@ def pass_coefficients(
         linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
         kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / kv_split,
         attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
+        attention_window_tokens=arch.attention_window_tokens(spec),
+        windowed_fraction=arch.windowed_layer_fraction(spec),
         weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
         attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
         * p.attention_decode_efficiency,
@@ -138,6 +181,9 @@ def pass_coefficients(
         dvfs_energy_exponent=p.dvfs_energy_exponent,
         memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
         weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,
+        energy_per_bf16_flop_j=p.compute_energy_j_per_flop,
+        activation_bytes_per_token=activation_bytes_per_token(spec) / tp,
+        activation_row_bytes=2.0 * _ffn_width(spec) * ACTIVATION_BYTES / tp,
     )
     if extra:
         kv = extra.pop("kv_copy_factor") * c.kv_bytes_per_token
@@ -147,3 +193,41 @@ def pass_coefficients(
             or c.kv_copy_bytes_per_token or c.decode_batch_buckets
         ))
     return c
+
+
+def context_read_tokens(c: PassCoefficients, context_tokens):
+    """Cached tokens a query over ``C`` context tokens reads (and a sequence keeps) [tokens].
+
+    In full-attention-layer equivalents, ``C - phi * max(C - W, 0)``
+    (:func:`~ttcsim.simulator.architecture.attended_tokens`); ``context_tokens``
+    itself, untouched, for a model without sliding-window layers.
+    """
+    if not np.any(c.windowed_fraction):
+        return context_tokens
+    return arch.attended_tokens(context_tokens, c.attention_window_tokens, c.windowed_fraction)
+
+
+def attention_pairs(c: PassCoefficients, new_tokens, cached_tokens=0.0):
+    """(query, key) pairs of ``new_tokens`` after ``cached_tokens``, sliding layers counted.
+
+    :func:`~ttcsim.simulator.architecture.windowed_causal_pairs`; exactly
+    :func:`~ttcsim.simulator.architecture.causal_pairs` without a window.
+    """
+    if not np.any(c.windowed_fraction):
+        return arch.causal_pairs(new_tokens, cached_tokens)
+    return arch.windowed_causal_pairs(
+        new_tokens, cached_tokens, c.attention_window_tokens, c.windowed_fraction
+    )
+
+
+def kv_cache_tokens(c: PassCoefficients, kv_tokens, sequences):
+    """KV tokens ``sequences`` sequences holding ``kv_tokens`` in all keep, windows counted.
+
+    A sliding layer keeps at most ``W`` tokens per sequence, so the cache in
+    full-layer equivalents is ``K - phi * max(K - n W, 0)`` (exact for equal
+    sequences, an upper bound otherwise); ``kv_tokens`` untouched without a window.
+    """
+    if not np.any(c.windowed_fraction):
+        return kv_tokens
+    window = np.asarray(sequences, dtype=float) * c.attention_window_tokens
+    return arch.attended_tokens(kv_tokens, window, c.windowed_fraction)
