@@ -111,20 +111,18 @@ def pareto_cmd(
             f"\nbenchmark {bench.benchmark}: {len(bench.options)} options, "
             f"{sum(bench.on_frontier)} on the frontier (*)"
         )
+        from ttcsim.console import render_table
+
         width = max(len(o.model) for o in bench.options)
-        click.echo(
-            f"  {'model':<{width}}  {'strategy':<8} {'cap':>6} {'accuracy':>9} "
-            f"{'energy/query':>13} {'GPUs':>4}"
-        )
         rows = sorted(
             zip(bench.options, bench.on_frontier, strict=True), key=lambda of: of[0].energy_j
         )
-        for o, front in rows:
-            click.echo(
-                f"  {o.model:<{width}}  {o.strategy:<8} {_cap(o.max_output_tokens):>6} "
-                f"{o.accuracy_pct:8.1f}% {_energy(o.energy_j):>13} {o.gpus:>4}"
-                + ("  *" if front else "")
-            )
+        click.echo(render_table(
+            ["model", "strategy", "cap", "accuracy", "energy/query", "GPUs", ""],
+            [[o.model, o.strategy, _cap(o.max_output_tokens), f"{o.accuracy_pct:.1f}%",
+              _energy(o.energy_j), str(o.gpus), "*" if front else ""] for o, front in rows],
+            align="<<>>>><", indent="  ",
+        ))
         click.echo("  cheapest option for each accuracy level:")
         for level in bench.cheapest_by_level:
             click.echo(
