@@ -414,3 +414,11 @@ def test_engine_option_on_commands(args):
     assert ref.output != hf.output
     bad = invoke(*args, "--engine", "tgi")
     assert bad.exit_code == 2 and "unknown engine" in bad.output
+
+
+def test_top_level_api_has_engines():
+    import ttcsim
+
+    assert ttcsim.get_engine("vllm").name == "vllm-0.5"
+    s = ttcsim.steady_state(hw="a100", model="8b", engine="vllm", running_batch=64)
+    assert s.running_batch == 64 and s.tpot_s > 0 and s.energy_per_request_j > 0
