@@ -116,6 +116,7 @@ def main() -> None:
 @click.option("--carbon-g-per-kwh", default=None, type=float, help="Grid carbon intensity [gCO2/kWh].")
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
+@click.option("--power-limit-w", default=None, type=float, help="What-if board power limit per GPU [W], down to the board's minimum (default: the datasheet limit).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
 @_friendly
@@ -135,7 +136,7 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     if r.concurrency > 1:
         head += f"  concurrency {r.concurrency}"
     rows = [
-        ("energy per query", _fmt_energy(r.energy_j)),
+        ("energy per query", f"{_fmt_energy(r.energy_j)}  {_band_text(r.band_energy_ape, r.energy_j_low, r.energy_j_high, _fmt_energy)}"),
         ("  prefill", _fmt_energy(r.energy_prefill_j)),
         ("  decode", _fmt_energy(r.energy_decode_j)),
     ]
@@ -143,10 +144,10 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
         rows.append(("  reward scoring", _fmt_energy(r.energy_score_j)))
     rows += [
         ("  above idle (marginal)", _fmt_energy(r.energy_dynamic_j)),
-        ("latency", f"{r.latency_s:.3f} s  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
+        ("latency", f"{r.latency_s:.3f} s  {_band_text(r.band_latency_ape, r.latency_s_low, r.latency_s_high, lambda v: f'{v:.3f} s')}  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
         ("output tokens", f"{r.output_tokens:.0f}  ({r.j_per_output_token:.3f} J/token)"),
         ("power", f"avg {r.avg_power_w:.0f} W, peak {r.peak_power_w:.0f} W"
-         + ("  (power-limited)" if r.power_limited else "")),
+         + (f"  (power-limited at {r.power_limit_w:.0f} W)" if r.power_limited else "")),
     ]
     if r.energy_j_p50 is not None:
         rows.append(("energy p50 / p90 / p99", " / ".join(
@@ -161,7 +162,15 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     click.echo(head)
     click.echo(_table(rows))
     if not r.calibrated_profile:
-        click.echo(f"  note: {r.hw} uses datasheet-default parameters (not calibrated)")
+        what = "transferred from a calibrated GPU" if r.profile_status == "transferred" else "datasheet-default"
+        click.echo(f"  note: {r.hw} uses {what} parameters (not calibrated on it); band {r.band_method}")
+
+
+def _band_text(ape: float, low: float, high: float, fmt) -> str:
+    """``±12 % (3.1 kJ - 4.2 kJ)``: the error band of a number."""
+    from ttcsim.uncertainty import format_band
+
+    return f"{format_band(ape)} ({fmt(low)} - {fmt(high)})"
 
 
 @main.group()
@@ -175,14 +184,22 @@ def hw_list() -> None:
     """List the shipped hardware profiles."""
     from ttcsim.hardware import get_profile, list_profiles
 
-    click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6}  parameters")
+    from ttcsim.uncertainty import format_band, profile_band
+
+    click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6} {'min':>5}  "
+               f"{'status':<18} {'E band':>7} {'t band':>7}  source")
     for name in list_profiles():
         p = get_profile(name)
         d = p.datasheet
+        info = p.provenance.parameters
+        band = profile_band(p)
+        low = f"{p.min_power_limit():4.0f}W"
+        source = info.transfer.source_profile if info.transfer else (info.gpu_name or "")
         click.echo(
             f"{name:<16} {','.join(p.aliases):<8} {d.hbm_bandwidth_bytes_per_s / 1e12:6.2f}TB/s "
-            f"{d.peak_flops_per_s['bf16'] / 1e12:7.0f}TFLOP/s {d.power_limit_w:5.0f}W  "
-            f"{p.provenance.parameters.status}"
+            f"{d.peak_flops_per_s['bf16'] / 1e12:7.0f}TFLOP/s {d.power_limit_w:5.0f}W {low:>5}  "
+            f"{info.status:<18} {format_band(band.energy_ape):>7} {format_band(band.latency_ape):>7}  "
+            f"{source}"
         )
 
 
