@@ -88,7 +88,8 @@ def main() -> None:
         "latency_median_pct": round(t["median"], 2),
         "latency_max_pct": round(t["max"], 2),
     }
-    print(f"p{BAND_QUANTILE:g} APE: energy {band['energy_ape']:.3f}, latency {band['latency_ape']:.3f}")
+    print(f"p{BAND_QUANTILE:g} APE: energy {band['energy_ape']:.3f}, "
+          f"latency {band['latency_ape']:.3f}")
     if args.band_out:  # one entry per direction, replaced when rerun
         path = Path(args.band_out)
         data = json.loads(path.read_text()) if path.exists() else {

@@ -444,7 +444,9 @@ def _rounded(params: ModelParameters) -> ModelParameters:
     )
 
 
-def build_profile(gpu: GpuSpec, sources: dict[str, HardwareProfile] | None = None) -> HardwareProfile:
+def build_profile(
+    gpu: GpuSpec, sources: dict[str, HardwareProfile] | None = None
+) -> HardwareProfile:
     """Validate ``gpu``'s datasheet and derive its rounded parameters.
 
     With calibrated ``sources`` (and a :data:`ttcsim.transfer.FAMILIES` entry) the

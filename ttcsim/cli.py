@@ -162,8 +162,8 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     click.echo(head)
     click.echo(_table(rows))
     if not r.calibrated_profile:
-        what = "transferred from a calibrated GPU" if r.profile_status == "transferred" else "datasheet-default"
-        click.echo(f"  note: {r.hw} uses {what} parameters (not calibrated on it); band {r.band_method}")
+        what = "parameters transferred from a calibrated GPU" if r.profile_status == "transferred" else "datasheet-default parameters"
+        click.echo(f"  note: {r.hw} uses {what} (not calibrated on it); band: {r.band_method}")
 
 
 def _band_text(ape: float, low: float, high: float, fmt) -> str:
@@ -183,7 +183,6 @@ def hw() -> None:
 def hw_list() -> None:
     """List the shipped hardware profiles."""
     from ttcsim.hardware import get_profile, list_profiles
-
     from ttcsim.uncertainty import format_band, profile_band
 
     click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6} {'min':>5}  "
@@ -282,7 +281,7 @@ def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
 
 
 def _print_validation(report: dict) -> None:
-    status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
+    status = report.get("profile_status", "calibrated" if report["calibrated_profile"] else "datasheet-default")
     click.echo(f"profile {report['hw']} ({status}), {len(report['runs'])} runs")
     click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
     for r in report["runs"]:
@@ -294,6 +293,11 @@ def _print_validation(report: dict) -> None:
     for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency")):
         s = report["summary"][key]
         click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
+    band, summary = report["band"], report["summary"]
+    click.echo(
+        f"band: energy \u00b1{band['energy_ape'] * 100:.0f} % covers {summary['energy_band_coverage'] * 100:.0f} % "
+        f"of runs, latency \u00b1{band['latency_ape'] * 100:.0f} % covers {summary['latency_band_coverage'] * 100:.0f} %"
+    )
 
 
 @main.group()

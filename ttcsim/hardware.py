@@ -32,6 +32,10 @@ from ttcsim.io import parse_yaml
 #: Unknown keys, mutation and NaN/inf are all refused.
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+#: A what-if power cap must leave this factor of the static power (see
+#: :meth:`HardwareProfile.min_power_limit`).
+STATIC_HEADROOM = 1.1
+
 #: Compute dtypes a profile may list peak FLOP/s for.
 COMPUTE_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
 
@@ -50,7 +54,7 @@ class Datasheet(BaseModel):
     )
     min_power_limit_w: float | None = Field(
         default=None, gt=10, le=3000,
-        description="lowest board power limit the driver accepts (nvidia-smi 'Min Power Limit') [W]",
+        description="lowest board power limit the driver accepts ('Min Power Limit') [W]",
     )
 
     @model_validator(mode="after")
@@ -306,11 +310,19 @@ class HardwareProfile(BaseModel):
         )
 
     def min_power_limit(self) -> float:
-        """Lowest what-if power limit [W]: ``min_power_limit_w``, else the static power + 10 %."""
-        if self.datasheet.min_power_limit_w is not None:
-            return self.datasheet.min_power_limit_w
+        """Lowest what-if power limit [W], a whole number of watts.
+
+        The board's ``min_power_limit_w``, raised to :data:`STATIC_HEADROOM` x the
+        static power ``P_idle + P_active`` where that is higher.
+
+        The throttle model holds static power fixed and slows only the clock, so a cap
+        at or below the static power leaves no power for work (the model would
+        stretch every pass without bound); such caps are refused rather than priced.
+        """
         p = self.parameters
-        return float(min(self.datasheet.power_limit_w, 1.1 * (p.idle_power_w + p.active_power_w)))
+        floor = STATIC_HEADROOM * (p.idle_power_w + p.active_power_w)
+        board = self.datasheet.min_power_limit_w or floor
+        return float(min(self.datasheet.power_limit_w, math.ceil(max(board, floor))))
 
     def with_parameters(
         self, parameters: ModelParameters, info: CalibrationInfo

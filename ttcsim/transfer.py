@@ -12,7 +12,7 @@ target GPU is needed.  ``S`` is the source, ``T`` the target::
                         = e_S * node_T / node_S                       (process node)
     hbm_energy_j_per_byte
                         = e_S * (MEM_SHARE * mem_T / mem_S + (1 - MEM_SHARE) * node_T / node_S)
-                          capped so streaming at B_T fits the limit: <= 0.95 (TDP_T - P_static) / B_T
+                          capped so streaming at B_T fits: <= 0.95 (TDP_T - P_static) / B_T
     layer_overhead_s    = t_S * clock_S / clock_T     (small latency-bound kernels, GPU side)
     step_overhead_s, prefill_overhead_s = copied      (host and launch work)
     efficiencies, roofline_exponent, dvfs_energy_exponent, attention_half_parallelism,

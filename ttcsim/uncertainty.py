@@ -34,7 +34,9 @@ from ttcsim.hardware import ErrorBand, HardwareProfile
 #: Width of a datasheet-default profile's band (APE, energy and latency).
 DATASHEET_DEFAULT_BAND = 0.50
 #: Fallback APE per status when a profile stores no band.
-FALLBACK_APE = {"calibrated": 0.15, "transferred": 0.25, "datasheet-default": DATASHEET_DEFAULT_BAND}
+FALLBACK_APE = {
+    "calibrated": 0.15, "transferred": 0.25, "datasheet-default": DATASHEET_DEFAULT_BAND
+}
 #: Multiplier on a transfer check's spread by how far the transfer reaches: the
 #: check itself is within one generation (Hopper H100 <-> H200); a step across
 #: generations or vendors is not checked, so its band is widened (capped below

@@ -96,25 +96,46 @@ def summarize(errors_pct: list[float]) -> dict[str, float]:
 
 
 def validate_runs(runs: list[RunRecord], profile: HardwareProfile) -> dict:
-    """Per-run comparison and a summary, as a JSON-ready dict."""
+    """Per-run comparison and a summary, as a JSON-ready dict.
+
+    Each run also has the profile's band (:mod:`ttcsim.uncertainty`) around its
+    prediction (``energy_j_pred_low/high``, ``latency_s_pred_low/high``) and whether
+    the measured value is inside it; the summary gives the coverage.
+    """
+    from ttcsim.uncertainty import interval, profile_band
+
+    band = profile_band(profile)
     rows = [compare_run(r, profile) for r in runs]
+    out = []
+    for r in rows:
+        e_lo, e_hi = interval(r.energy_j_pred, band.energy_ape)
+        t_lo, t_hi = interval(r.latency_s_pred, band.latency_ape)
+        out.append({
+            "id": r.id,
+            "energy_j": r.energy_j,
+            "energy_j_pred": r.energy_j_pred,
+            "energy_j_pred_low": e_lo,
+            "energy_j_pred_high": e_hi,
+            "energy_in_band": bool(e_lo <= r.energy_j <= e_hi),
+            "energy_ape_pct": r.energy_ape,
+            "latency_s": r.latency_s,
+            "latency_s_pred": r.latency_s_pred,
+            "latency_s_pred_low": t_lo,
+            "latency_s_pred_high": t_hi,
+            "latency_in_band": bool(t_lo <= r.latency_s <= t_hi),
+            "latency_ape_pct": r.latency_ape,
+        })
+    n = max(len(out), 1)
     return {
         "hw": profile.name,
         "calibrated_profile": profile.calibrated,
-        "runs": [
-            {
-                "id": r.id,
-                "energy_j": r.energy_j,
-                "energy_j_pred": r.energy_j_pred,
-                "energy_ape_pct": r.energy_ape,
-                "latency_s": r.latency_s,
-                "latency_s_pred": r.latency_s_pred,
-                "latency_ape_pct": r.latency_ape,
-            }
-            for r in rows
-        ],
+        "profile_status": profile.provenance.parameters.status,
+        "band": band.model_dump(),
+        "runs": out,
         "summary": {
             "energy_ape_pct": summarize([r.energy_ape for r in rows]),
             "latency_ape_pct": summarize([r.latency_ape for r in rows]),
+            "energy_band_coverage": sum(r["energy_in_band"] for r in out) / n,
+            "latency_band_coverage": sum(r["latency_in_band"] for r in out) / n,
         },
     }

@@ -58,6 +58,8 @@ def _workload_options(fn):
                      help="Reward / verifier model for bon, prm-bon, beam (default: policy)."),
         click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
                      help="Share prompt prefills and KV between samples."),
+        click.option("--power-limit-w", default=None, type=float,
+                     help="What-if board power limit per GPU [W], down to the board's minimum."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -111,13 +113,19 @@ def _print_curve(frame) -> None:
     axis = frame["vary"].iloc[0]
     w = max(8, *(len(s) for s in frame["strategy"]))
     click.echo(f"{'hw':<16} {'model':<14} {'strategy':<{w}} {axis:>14} {'J/query':>10} "
-               f"{'J/out tok':>10} {'latency s':>10}")
+               f"{'band':>6} {'J/out tok':>10} {'latency s':>10} {'band':>6}")
     for r in frame.itertuples():
         if r.status != "ok":
             click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14}  {r.status}")
             continue
         click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14} {r.energy_j:10.1f} "
-                   f"{r.j_per_output_token:10.4f} {r.latency_s:10.2f}")
+                   f"{_pm(r.energy_j, r.energy_j_high):>6} {r.j_per_output_token:10.4f} "
+                   f"{r.latency_s:10.2f} {_pm(r.latency_s, r.latency_s_high):>6}")
+
+
+def _pm(value: float, high: float) -> str:
+    """``±12%``: the band's APE recovered from ``high = value / (1 - ape)``."""
+    return f"\u00b1{(1 - value / high) * 100:.0f}%" if high > 0 else "-"
 
 
 def _int_option(text: str, where: str) -> int:
@@ -179,24 +187,26 @@ def _print_metrics(frame) -> None:
     click.echo(f"prompt {r0.prompt_tokens:.0f} tokens (mean); energies per query; J/tok = joules "
                "per token; marginal = one more token per sequence")
     w = max(8, *(len(s) for s in frame["strategy"]))
-    head = (f"{'hw':<14} {'model':<13} {'strategy':<{w}} {'J/query':>9} {'+-se':>6} {'p90 J':>8} "
+    head = (f"{'hw':<14} {'model':<13} {'strategy':<{w}} {'J/query':>9} {'band':>5} "
+            f"{'+-se':>6} {'p90 J':>8} "
             f"{'J/prompt':>8} {'J/out':>7} {'marg.':>7} {'J/useful':>8} {'out/J':>6} "
             f"{'lat s':>7}")
     click.echo(head)
     for r in frame.itertuples():
         click.echo(
             f"{r.hw[:14]:<14} {r.model[:13]:<13} {r.strategy:<{w}} {r.energy_j:9.1f} "
-            f"{_num(r.energy_j_stderr, '6.1f')} {_num(r.energy_j_p90, '8.1f')} "
+            f"{_pm(r.energy_j, r.energy_j_high):>5} {_num(r.energy_j_stderr, '6.1f')} "
+            f"{_num(r.energy_j_p90, '8.1f')} "
             f"{_num(r.j_per_prompt_token, '8.4f')} {_num(r.j_per_output_token, '7.4f')} "
             f"{_num(r.j_per_output_token_marginal, '7.4f')} {_num(r.j_per_useful_token, '8.3f')} "
             f"{_num(r.output_tokens_per_j, '6.2f')} {r.latency_s:7.2f}"
         )
     if (frame["expectation"] == "monte-carlo").any():
         click.echo("  +-se: standard error of a Monte-Carlo mean (0: exact expectation)")
-    uncalibrated = sorted(set(frame.loc[~frame["calibrated_profile"].astype(bool), "hw"]))
-    if uncalibrated:
-        click.echo(f"  note: {', '.join(uncalibrated)} uses datasheet-default parameters "
-                   "(not calibrated)")
+    uncalibrated = frame.loc[~frame["calibrated_profile"].astype(bool)]
+    for status in sorted(set(uncalibrated["profile_status"])):
+        names = sorted(set(uncalibrated.loc[uncalibrated["profile_status"] == status, "hw"]))
+        click.echo(f"  note: {', '.join(names)} uses {status} parameters (not calibrated)")
 
 
 COMMANDS = [curve, metrics]

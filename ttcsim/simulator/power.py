@@ -46,12 +46,14 @@ def solve_clock_scale(time_at, mem_energy_j, comp_energy_j, static_power_w, limi
     """
     mem = np.asarray(mem_energy_j, dtype=float)
     comp = np.asarray(comp_energy_j, dtype=float)
-    head = limit_w - static_power_w
+    # per-pass limits, static powers and exponents (serving stacks options) or scalars
+    head = np.broadcast_to(np.asarray(limit_w - static_power_w, dtype=float), mem.shape)
+    gam = np.broadcast_to(np.asarray(gamma, dtype=float), mem.shape)
 
     def g(s, idx):
         if idx.size == mem.size:  # every pass still running: no gather
-            return mem + s**gamma * comp - head * time_at(s, None)
-        return mem[idx] + s**gamma * comp[idx] - head * time_at(s, idx)
+            return mem + s**gam * comp - head * time_at(s, None)
+        return mem[idx] + s ** gam[idx] * comp[idx] - head[idx] * time_at(s, idx)
 
     scale = mem + comp  # g's scale [J]
     every = np.arange(mem.size)
