@@ -561,8 +561,8 @@ def fixed_decode_arrays(
     decode time is that segment's time; ``query_time_s`` is numpy's mean of ``Q``
     equal values (:func:`repeat_sum` / ``Q``).  With ``shared_prefix`` (prefix
     caching and ``N > 1``) the ``Q`` queries' samples share their prompt's KV reads
-    (``segment_cost``'s ``groups``); the per-query time is priced without sharing,
-    as ``decode_time_per_query_s`` does.
+    (``segment_cost``'s ``groups``); the per-query time is that same segment's
+    (``decode_time_per_query_s`` prices the sharing too).
     """
     n = (n_queries * samples).astype(float)
     steps = np.maximum(output_tokens - 1.0, 0.0)
@@ -574,8 +574,6 @@ def fixed_decode_arrays(
         groups = np.where(shared, np.where(steps > 0, n_queries.astype(float), 0.0), n)
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak, p_shared, groups)
         t_query = t.copy()
-        sh = np.flatnonzero(shared)
-        t_query[sh] = bounded_segment_cost(c, n[sh], first_ctx[sh], steps[sh], peak[sh])[0]
     else:
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak)
         t_query = t
