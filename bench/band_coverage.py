@@ -14,7 +14,10 @@ of ``--check-runs`` whose measured energy (latency) lies inside
 ``(high - low) / pred`` on them.  ``--band E,T`` skips the sizing and checks a
 given band (e.g. the datasheet-default 0.5,0.5 or a transfer check's spread);
 ``--transfer-from`` prices the check runs with the profile transferred from that
-calibrated YAML (``bench/transfer_check.py``'s rule).
+calibrated YAML (``bench/transfer_check.py``'s rule).  ``--split a|b`` (one machine,
+e.g. the H200): the runs of ``--check-runs`` are grouped by id (a ``-rep`` with its
+original), the groups sorted by id and dealt alternately into halves a and b; the
+band is sized on the named half and checked on the other.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--band", default=None, help="energy,latency APE to check instead of sizing")
     ap.add_argument("--transfer-from", default=None, help="calibrated YAML to transfer from")
     ap.add_argument("--transfer-family", default=None)
+    ap.add_argument("--split", choices=("a", "b"), default=None)
     args = ap.parse_args()
     if args.transfer_from:
         from transfer_check import transferred
@@ -68,12 +72,23 @@ def main() -> None:
     if args.band:
         e_ape, t_ape = (float(x) for x in args.band.split(","))
         how = f"given band {e_ape:g}, {t_ape:g}"
+    elif args.split:
+        runs = [r for p in args.check_runs for r in read_runs(p)]
+        groups = sorted({r.label.removesuffix("-rep") for r in runs})
+        half = {g: "ab"[i % 2] for i, g in enumerate(groups)}
+        size = [compare_run(r, profile) for r in runs
+                if half[r.label.removesuffix("-rep")] == args.split]
+        e_ape = band_ape_from_errors([r.energy_ape / 100 for r in size])
+        t_ape = band_ape_from_errors([r.latency_ape / 100 for r in size])
+        how = f"p{BAND_QUANTILE:g} APE of the {len(size)} runs of half {args.split}"
     else:
         size = [compare_run(r, profile) for p in args.size_runs for r in read_runs(p)]
         e_ape = band_ape_from_errors([r.energy_ape / 100 for r in size])
         t_ape = band_ape_from_errors([r.latency_ape / 100 for r in size])
         how = f"p{BAND_QUANTILE:g} APE of {len(size)} sizing runs"
     check = [compare_run(r, profile) for p in args.check_runs for r in read_runs(p)]
+    if args.split:
+        check = [c for c in check if half[c.id.removesuffix("-rep")] != args.split]
     c = coverage(check, e_ape, t_ape)
     print(f"profile {profile.name}: band energy {e_ape:.4f}, latency {t_ape:.4f} ({how})")
     print("| check runs | energy coverage | energy width | latency coverage | latency width |")

@@ -111,7 +111,13 @@ def test_hw_list_shows_status_and_band():
     res = CliRunner().invoke(main, ["hw", "list"])
     assert res.exit_code == 0
     line = next(x for x in res.output.splitlines() if x.startswith("a100-sxm-80gb"))
-    assert "transferred" in line and "\u00b1" in line and "h100-sxm-80gb" in line
+    assert "transferred" in line and "\u00b1" in line
+    res = CliRunner().invoke(main, ["hw", "list", "--json"])
+    import json
+
+    rec = next(r for r in json.loads(res.output) if r["name"] == "a100-sxm-80gb")
+    assert rec["source"] == "h100-sxm-80gb" and rec["parameters"] == "transferred"
+    assert 0 < rec["band_energy_ape"] < 0.5 and rec["min_power_limit_w"] >= 100
 
 
 def test_validate_json_gives_each_run_its_band():

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ttcsim import metrics as m
+from ttcsim.deployment import check_deployment, tensor_parallel_problem
 from ttcsim.distributions import (
     Fixed,
     LengthDistribution,
@@ -34,10 +35,18 @@ from ttcsim.distributions import (
     quadrature_nodes,
     shift_lengths,
 )
+from ttcsim.engines import EngineProfile, get_engine
+from ttcsim.engines import physics as engine_physics
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    context_read_tokens,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.phases import Draws, PhaseCost, _expand
 from ttcsim.strategies import Strategy, Workload, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
@@ -71,6 +80,7 @@ class Prediction(BaseModel):
     kv_dtype: str
     prefix_cache: bool
     calibrated_profile: bool
+    engine: str = "reference"
 
     energy_j: float
     energy_prefill_j: float
@@ -88,6 +98,8 @@ class Prediction(BaseModel):
     avg_power_w: float
     peak_power_w: float
     power_limited: bool
+    #: phases in which the model's power limit lowered the clock (prefill, decode, ...)
+    power_limited_phases: list[str] = Field(default_factory=list)
 
     energy_j_p50: float | None = None
     energy_j_p90: float | None = None
@@ -173,6 +185,7 @@ def memory_needed_bytes(
         * ACTIVATION_BYTES
         + n_queries * samples * spec.vocab_size * 4.0
     )
+    kv_tokens = kv_cache_tokens(c, kv_tokens, n_queries * samples)
     return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
 
 
@@ -230,22 +243,23 @@ def strategy_memory_bytes(
         extra = strategy.extra_memory_bytes(
             coefficients, prompt_tokens, max_output_tokens, n_queries
         )
-    return c.weight_bytes_total + n_queries * kv * c.kv_bytes_per_token + workspace + extra
+    kv_tokens = kv_cache_tokens(c, n_queries * kv, n_queries * sequences)
+    return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace + extra
 
 
 _COEFF_CACHE: dict = {}
 
 
-def _coefficients(profile, spec, weight_dtype, kv_dtype, tp) -> PassCoefficients:
-    """Memoised :func:`pass_coefficients` (profiles and specs are frozen; keyed by identity)."""
-    key = (id(profile), id(spec), weight_dtype, kv_dtype, tp)
+def _coefficients(profile, spec, weight_dtype, kv_dtype, tp, engine=None) -> PassCoefficients:
+    """Memoised :func:`pass_coefficients` (frozen profiles, specs and engines; keyed by id)."""
+    key = (id(profile), id(spec), weight_dtype, kv_dtype, tp, id(engine))
     hit = _COEFF_CACHE.get(key)
-    if hit is not None and hit[0] is profile and hit[1] is spec:
+    if hit is not None and hit[0] is profile and hit[1] is spec and hit[3] is engine:
         return hit[2]
     if len(_COEFF_CACHE) > 512:
         _COEFF_CACHE.clear()
-    c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, tp)
-    _COEFF_CACHE[key] = (profile, spec, c)
+    c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, tp, engine)
+    _COEFF_CACHE[key] = (profile, spec, c, engine)
     return c
 
 
@@ -259,7 +273,7 @@ class _Totals:
     dynamic: object
     ttft: object
     peak: float
-    throttled: bool
+    throttled: tuple  #: names of the phases the power limit slowed (in order)
     energy_by: dict = field(default_factory=dict)  # bucket -> J per query
     time_by: dict = field(default_factory=dict)  # bucket -> batch seconds
     tokens_by: dict = field(default_factory=dict)  # bucket -> processed tokens per query
@@ -292,7 +306,7 @@ class _Totals:
             self.dynamic + o.dynamic,
             self.ttft + o.ttft,
             max(self.peak, o.peak),
-            self.throttled or o.throttled,
+            self.throttled + tuple(n for n in o.throttled if n not in self.throttled),
             add(self.energy_by, o.energy_by),
             add(self.time_by, o.time_by),
             add(self.tokens_by, o.tokens_by),
@@ -353,7 +367,7 @@ def _totals(phases: list[PhaseCost], q: int, c: PassCoefficients) -> _Totals:
         dynamic=dynamic,
         ttft=phases[0].query_time_s,
         peak=float(max(p.peak_power_w for p in phases)),
-        throttled=any(p.throttled for p in phases),
+        throttled=tuple(dict.fromkeys(p.name for p in phases if p.throttled)),
         energy_by=energy_by,
         time_by=time_by,
         tokens_by=tokens_by,
@@ -389,6 +403,7 @@ class _Setup:
     weight_dtype: str
     kv_dtype: str
     tp: int
+    engine: EngineProfile | None = None
 
     @property
     def random_lengths(self) -> bool:
@@ -463,8 +478,11 @@ class _Setup:
 
 def _prepare(
     hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype, kv_dtype,
-    prefix_cache, reward_model,
+    prefix_cache, reward_model, engine=None,
 ) -> _Setup:
+    eng = get_engine(engine)
+    eng = None if eng.is_reference else eng
+    prefix_cache = engine_physics.shares_prefix(eng, prefix_cache)
     profile = get_profile(hw)
     spec = get_model(model)
     strat = parse_strategy(strategy, reward_model=reward_model)
@@ -477,15 +495,22 @@ def _prepare(
     if weight_dtype == "fp32":
         raise TtcsimError("fp32 weights are not an inference dtype here", "--dtype")
     kv_dtype = kv_dtype or ("fp8" if weight_dtype == "fp8" else "bf16")
+    check_deployment(profile, spec, weight_dtype, tp)
     lengths = parse_lengths(output_tokens, "--output-tokens")
     if isinstance(lengths, LengthList):
         _expand(lengths, concurrency, strat.draws_per_query, "--output-tokens")
 
-    c = _coefficients(profile, spec, weight_dtype, kv_dtype, tp)
+    c = _coefficients(profile, spec, weight_dtype, kv_dtype, tp, eng)
     nodes, weights = quadrature_nodes(prompt)
     p_max = int(prompt.tokens) if isinstance(prompt, Fixed) else float(nodes.max())
     max_len = max(lengths.values) if isinstance(lengths, LengthList) else lengths.upper_bound()
     kv_len = kv_sizing_length(lengths, concurrency * strat.samples_per_query)
+    mem_queries = concurrency
+    if eng is not None:
+        kv_len = _engine_kv_length(eng, lengths, kv_len, concurrency * strat.draws_per_query)
+        if eng.batching.policy == "continuous":
+            c, mem_queries = _continuous_batch(c, spec, eng, p_max, kv_len, concurrency,
+                                               strat.samples_per_query)
     total_ctx = strat.max_context_tokens(p_max, max_len)
     if total_ctx > spec.max_context_tokens:
         raise TtcsimError(
@@ -499,7 +524,7 @@ def _prepare(
     def coefficients_for(tp_k: int):
         def reward(name: str | None) -> PassCoefficients:
             if name is None:
-                return _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
+                return _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k, eng)
             key = (name, tp_k)
             if key not in reward_cache:
                 try:
@@ -508,7 +533,13 @@ def _prepare(
                     where = "--reward-model" if name == reward_model else "--strategy"
                     text = str(exc).removeprefix("--model: ")
                     raise TtcsimError(f"reward model: {text}", where) from None
-                reward_cache[key] = _coefficients(profile, rm_spec, weight_dtype, kv_dtype, tp_k)
+                problem = tensor_parallel_problem(rm_spec, tp_k)
+                if problem:
+                    where = "--reward-model" if name == reward_model else "--strategy"
+                    raise TtcsimError(f"reward model: {problem} (--tp {tp_k})", where)
+                reward_cache[key] = _coefficients(
+                    profile, rm_spec, weight_dtype, kv_dtype, tp_k, eng
+                )
             return reward_cache[key]
 
         return reward
@@ -518,14 +549,14 @@ def _prepare(
     )
 
     def need_for(tp_k: int) -> float:
-        ck = _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
+        ck = _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k, eng)
         if not custom:
             return memory_needed_bytes(
-                profile, spec, ck, p_max, kv_len, concurrency, strat.samples_per_query,
+                profile, spec, ck, p_max, kv_len, mem_queries, strat.samples_per_query,
                 prefix_cache,
             )
         return strategy_memory_bytes(
-            strat, spec, ck, p_max, kv_len, concurrency, prefix_cache, coefficients_for(tp_k)
+            strat, spec, ck, p_max, kv_len, mem_queries, prefix_cache, coefficients_for(tp_k)
         )
 
     need = need_for(tp)
@@ -535,8 +566,11 @@ def _prepare(
                 k
                 for k in (2, 4, 8, 16, 32, 64)
                 if k > tp
+                and tensor_parallel_problem(spec, k) is None
                 and need_for(k)
-                <= _coefficients(profile, spec, weight_dtype, kv_dtype, k).memory_capacity_bytes
+                <= _coefficients(
+                    profile, spec, weight_dtype, kv_dtype, k, eng
+                ).memory_capacity_bytes
             ),
             None,
         )
@@ -561,7 +595,52 @@ def _prepare(
         weight_dtype=weight_dtype,
         kv_dtype=kv_dtype,
         tp=tp,
+        engine=eng,
     )
+
+
+def _engine_kv_length(eng: EngineProfile, lengths, kv_len: float, n_sequences: int) -> float:
+    """Output tokens per sequence the engine's KV cache is sized for.
+
+    Known lengths: ``static`` the longest, ``paged`` the peak in use
+    (:func:`~ttcsim.engines.physics.kv_sizing_tokens`).  Random lengths keep the
+    band of :func:`kv_sizing_length`, except a static padded batch, whose rows
+    all grow to the batch's longest: the expected maximum of ``n`` draws.
+    """
+    padded = eng.batching.policy == "static-padded"
+    if isinstance(lengths, LengthList):
+        values = _expand(lengths, 1, len(lengths.values), "--output-tokens")
+        alloc = "static" if padded else eng.kv_cache.allocation
+        return engine_physics.kv_sizing_tokens(values, alloc)
+    if padded and not getattr(lengths, "is_fixed", False):
+        return float(lengths.quantile(n_sequences / (n_sequences + 1.0)))
+    return kv_len
+
+
+def _continuous_batch(c: PassCoefficients, spec: ModelSpec, eng: EngineProfile, p_max: float,
+                      kv_len: float, concurrency: int, samples: int):
+    """Running batch of a continuous engine: ``min(max_num_seqs, KV-feasible)``.
+
+    The paged pool is the usable memory less weights and workspace; each
+    running sequence holds ``P + L_kv`` tokens in blocks.  Returns the
+    coefficients with ``max_num_seqs`` set to that batch and the number of
+    queries the memory check must hold at once.  Raises
+    :class:`~ttcsim.errors.DoesNotFitError` when not one sequence fits.
+    """
+    slots = min(eng.batching.max_num_seqs or 1, concurrency * samples)
+    workspace = slots * spec.vocab_size * 4.0 + slots * p_max * (
+        4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
+    ) * ACTIVATION_BYTES  # logits and prefill activations, as memory_needed_bytes
+    free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
+    kept = float(context_read_tokens(c, p_max + kv_len))  # a sliding layer keeps its window
+    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, kept,
+                                           eng.kv_cache.block_tokens)
+    if fit < 1:
+        raise DoesNotFitError(
+            f"{spec.name}: one sequence of {p_max + kv_len:.0f} tokens does not fit the KV "
+            f"cache left after the weights ({max(free, 0) / 1e9:.1f} GB per GPU)", "--model")
+    batch = int(min(slots, fit))
+    return dataclasses.replace(c, max_num_seqs=batch), max(1, min(concurrency, batch // samples))
 
 
 def predict(
@@ -584,6 +663,7 @@ def predict(
     seed: int = 0,
     marginal: bool = True,
     power_limit_w: float | None = None,
+    engine: str | EngineProfile | None = None,
 ) -> Prediction:
     """Predict the energy and latency of one query.
 
@@ -609,6 +689,8 @@ def predict(
     power_limit_w : what-if board power limit [W] per GPU, between the board's
         minimum and its datasheet limit (``None``: the datasheet limit); priced by
         the DVFS throttle of :mod:`ttcsim.simulator.power`
+    engine : engine profile name (``reference``, ``hf-transformers``, ``vllm``),
+        alias or YAML path; None is ``reference`` (see :mod:`ttcsim.engines`)
 
     Every result carries a band (``energy_j_low/high``, ``latency_s_low/high``)
     from the profile's status and measured spread (:mod:`ttcsim.uncertainty`).
@@ -627,7 +709,7 @@ def predict(
     hw = get_profile(hw).with_power_limit(power_limit_w)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
-        kv_dtype, prefix_cache, reward_model,
+        kv_dtype, prefix_cache, reward_model, engine,
     )
     strat, c, q, lengths = s.strategy, s.c, s.concurrency, s.lengths
 
@@ -683,6 +765,7 @@ def predict(
         kv_dtype=s.kv_dtype,
         prefix_cache=s.prefix_cache,
         calibrated_profile=s.profile.calibrated,
+        engine=s.engine.name if s.engine is not None else "reference",
         energy_j=float(energy),
         energy_prefill_j=float(by["_prefill"]),
         energy_decode_j=float(by["_decode"]),
@@ -699,6 +782,7 @@ def predict(
         avg_power_w=float(energy * q / makespan) if makespan > 0 else 0.0,
         peak_power_w=float(totals.peak),
         power_limited=bool(totals.throttled),
+        power_limited_phases=list(totals.throttled),
         pue=pue,
         energy_facility_j=float(energy * pue),
         co2_g=None if carbon_g_per_kwh is None else float(kwh * carbon_g_per_kwh),
@@ -781,6 +865,7 @@ def predict_draws(
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     power_limit_w: float | None = None,
+    engine: str | EngineProfile | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Per-query energy [J] and latency [s] of each seeded Monte-Carlo draw, and the spec.
 
@@ -792,7 +877,7 @@ def predict_draws(
     hw = get_profile(hw).with_power_limit(power_limit_w)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
-        kv_dtype, prefix_cache, reward_model,
+        kv_dtype, prefix_cache, reward_model, engine,
     )
     if not s.random_cost:
         t = s.exact_totals(s.lengths)

@@ -43,12 +43,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ttcsim.deployment import dtype_problem, tensor_parallel_problem
 from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator import architecture as arch
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    attention_pairs,
+    context_read_tokens,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.decode import segment_cost
 from ttcsim.simulator.expectation import (
     decode_expectation,
@@ -480,7 +487,7 @@ def prefill_arrays(c: PassCoefficients, n_prompts: np.ndarray, prompt_tokens: np
     """``prefill_phase(c, n_prompts, prompt_tokens)`` for arrays of whole numbers."""
     tokens = (n_prompts * prompt_tokens).astype(float)  # exact integer product, as in Python
     prompts = n_prompts.astype(float)
-    pairs = prompts * arch.causal_pairs(prompt_tokens.astype(float), 0.0)
+    pairs = prompts * attention_pairs(c, prompt_tokens.astype(float), 0.0)
     cost = forward_pass(c, tokens, 0.0, pairs, sequences=prompts, prefill=True)
     t, e = cost.time_s, cost.energy_j
     return PhaseArrays(t, t, e, cost.dynamic_energy_j, average_power_w(e, t), cost.throttled)
@@ -488,7 +495,7 @@ def prefill_arrays(c: PassCoefficients, n_prompts: np.ndarray, prompt_tokens: np
 
 def decode_first_peak_w(c: PassCoefficients, n_sequences: np.ndarray, prompt: np.ndarray):
     """Peak power of a decode phase: its first step, ``decode_phase``'s ``peak_power_w``."""
-    ctx = n_sequences * (prompt + 1.0)
+    ctx = n_sequences * context_read_tokens(c, prompt + 1.0)
     first = forward_pass(c, n_sequences, ctx, ctx)
     return average_power_w(first.energy_j, first.time_s)
 
@@ -671,6 +678,8 @@ class _Group:
     tp: int
     reward_model: str | None
     codes: dict
+    #: why no engine could run this deployment (tp or dtype; ttcsim.deployment)
+    problem: str | None = None
 
 
 @dataclass
@@ -838,7 +847,10 @@ class Sweeper:
             "kv_dtype": self._kv_labels.index(kdt),
             "reward_model": ri,
         }
-        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes)
+        problem = dtype_problem(profile, wdt) or tensor_parallel_problem(spec, tp)
+        if problem is None and rm is not None:
+            problem = tensor_parallel_problem(get_model(rm), tp)
+        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes, problem)
         self._group_cache = (g, group)
         return group
 
@@ -891,6 +903,17 @@ class Sweeper:
         out["prefix_cache"][sl] = prefix
         out["concurrency"][sl] = conc
         out["prompt_tokens"][sl] = prompt_i
+        if group.problem is not None:  # predict() refuses it: status 'invalid', NaN results
+            out["status"][sl] = STATUS.index("invalid")
+            if "invalid" not in self._warned:
+                self._warned.add("invalid")
+                warnings.warn(
+                    f"a scenario cannot run ({group.problem}); such rows get status "
+                    "'invalid' and NaN results",
+                    SlowPathWarning,
+                    stacklevel=3,
+                )
+            return
 
         # memory and context, as in predict (integer products are exact)
         c, spec = group.c, group.spec
@@ -902,6 +925,7 @@ class Sweeper:
         workspace = (conc * prompt_i).astype(float) * per_token * ACTIVATION_BYTES + (
             conc * samples * spec.vocab_size
         ).astype(float) * 4.0
+        kv_tokens = kv_cache_tokens(c, kv_tokens, conc * samples)
         need = c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
         out["memory_per_gpu_bytes"][sl] = need
         ctx_ok = prompt_i + max_len <= spec.max_context_tokens
