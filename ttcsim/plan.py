@@ -450,6 +450,7 @@ def plan(
     curves: bool = False,
     power_limit_w: float | None = None,
     search_power_limit: bool = False,
+    engine=None,
 ) -> Plan:
     """Plan a deployment: per option the fewest GPUs meeting every SLO, and its costs.
 
@@ -471,9 +472,18 @@ def plan(
     search_power_limit : also try :func:`power_limit_grid` caps per hardware; each
         cap is an option, and per hardware x tp the one with the lowest energy that
         meets the SLO is flagged ``best_power_limit``
+    engine : engine profile (:mod:`ttcsim.engines`); its host time, kernels,
+        usable memory and prefix sharing price the passes, while the serving
+        scheduler (:class:`ttcsim.serving.Scheduler`, continuous batching with
+        ``max_batch``/``chunk_tokens``) schedules them whatever the engine's policy
     """
+    from ttcsim.engines import get_engine
+    from ttcsim.engines.physics import shares_prefix
     from ttcsim.strategies import parse_strategy
 
+    eng = get_engine(engine)
+    eng = None if eng.is_reference else eng
+    prefix_cache = shares_prefix(eng, prefix_cache)
     slo = slo or Slo()
     prices = prices or Prices()
     scheduler = Scheduler(max_batch=max_batch, chunk_tokens=chunk_tokens, prefix_cache=prefix_cache)
@@ -500,7 +510,7 @@ def plan(
                      output_tokens=output_tokens, slo=slo, tp=tp, max_batch=max_batch,
                      chunk_tokens=chunk_tokens, prices=prices, weight_dtype=weight_dtype,
                      kv_dtype=kv_dtype, prefix_cache=prefix_cache, reward_model=reward_model,
-                     trace=trace, queries=queries, seed=seed, curves=curves),
+                     trace=trace, queries=queries, seed=seed, curves=curves, engine=engine),
         )
     profiles = [get_profile(h).with_power_limit(power_limit_w) for h in _parse_list(hw, "--hw")]
     tps = _parse_tp(tp)
@@ -547,7 +557,7 @@ def plan(
     reward_cache: dict = {}
     for profile in profiles:
         for k in tps:
-            c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, k)
+            c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, k, eng)
             reason = dtype_problem(profile, weight_dtype) or tensor_parallel_problem(spec, k)
             cause = "setup"
             workspace = _workspace_bytes(spec, c, scheduler)
@@ -580,7 +590,7 @@ def plan(
                 key = (profile.name, name, k)
                 if key not in reward_cache:
                     reward_cache[key] = pass_coefficients(
-                        profile, get_model(name), weight_dtype, kv_dtype, k
+                        profile, get_model(name), weight_dtype, kv_dtype, k, eng
                     )
                 return reward_cache[key]
 

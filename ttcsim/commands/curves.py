@@ -60,6 +60,9 @@ def _workload_options(fn):
                      help="Share prompt prefills and KV between samples."),
         click.option("--power-limit-w", default=None, type=float,
                      help="What-if board power limit per GPU [W], down to the board's minimum."),
+        click.option("--engine", default=None,
+                     help="Engine profile: reference (default), hf-transformers, vllm, or a "
+                          "YAML path (see `ttcsim engines list`)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -298,6 +298,12 @@ def _print_plan(p) -> None:
     help="Also try power caps of 100 % down to 40 % of each board's limit; per hardware and "
     "tp, P marks the cap with the lowest energy meeting the SLO.",
 )
+@click.option(
+    "--engine",
+    default=None,
+    help="Engine profile (host time, kernels, memory; plan's own continuous-batching "
+    "scheduler runs the passes): reference (default), hf-transformers, vllm, or a YAML path.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
     "--plot",
