@@ -307,9 +307,23 @@ class _Totals:
         )
 
 
+def running_sum(values):
+    """``v_1 + v_2 + ...`` left to right, one rounding per addition (floats or arrays).
+
+    Not the built-in ``sum``: from Python 3.12 it compensates float rounding, so
+    its bits would depend on the interpreter.  The sweep (:mod:`ttcsim.sweep`)
+    adds its phases in this order too, which keeps it equal to ``predict`` bit
+    for bit on every Python version.
+    """
+    total = 0.0
+    for v in values:
+        total = total + v
+    return total
+
+
 def _summaries(phases: list[PhaseCost], q: int):
-    energy = sum(p.energy_j for p in phases) / q
-    latency = sum(p.query_time_s for p in phases)
+    energy = running_sum(p.energy_j for p in phases) / q
+    latency = running_sum(p.query_time_s for p in phases)
     return energy, latency
 
 
@@ -329,16 +343,17 @@ def _totals(phases: list[PhaseCost], q: int, c: PassCoefficients) -> _Totals:
         energy_by[bucket] = energy_by.get(bucket, 0.0) + p.energy_j / q
         time_by[bucket] = time_by.get(bucket, 0.0) + p.time_s
         tokens_by[bucket] = tokens_by.get(bucket, 0.0) + p.processed_tokens / q
-    dynamic = sum(p.dynamic_energy_j for p in phases) / q
+    dynamic = running_sum(p.dynamic_energy_j for p in phases) / q
     # energy above idle: active static power counts as caused by the query
-    dynamic += (c.static_power_w - c.idle_power_w) * c.n_gpus * sum(p.time_s for p in phases) / (q)
+    batch_time_s = running_sum(p.time_s for p in phases)
+    dynamic += (c.static_power_w - c.idle_power_w) * c.n_gpus * batch_time_s / (q)
     # legacy three buckets (draft counts as decode) and the full breakdown
     energy_by = {"legacy": by_name, **energy_by}
     time_by = {"legacy": time_by_name, **time_by}
     return _Totals(
         energy=energy,
         latency=latency,
-        makespan=sum(p.time_s for p in phases),
+        makespan=batch_time_s,
         dynamic=dynamic,
         ttft=phases[0].query_time_s,
         peak=float(max(p.peak_power_w for p in phases)),

@@ -1007,7 +1007,9 @@ class AdaptiveVote(Strategy):
                 else:
                     values = np.tile(slots[starts[j] : starts[j] + b], q)
                     cost = deterministic_decode(w.policy, p, values, b, w.prefix_cache)
-                    own = float(decode_time_per_query_s(w.policy, p, values, b).max())
+                    own = float(
+                        decode_time_per_query_s(w.policy, p, values, b, w.prefix_cache).max()
+                    )
                 first = forward_pass(w.policy, q * b, q * b * (p + 1.0), q * b * (p + 1.0))
                 peak = float(average_power_w(first.energy_j, first.time_s))
                 cache[key] = (cost.time_s, own, cost.dynamic_energy_j, cost.energy_j, peak)
