@@ -117,6 +117,7 @@ def main() -> None:
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
 @click.option("--percentiles", "percentiles", type=click.Choice(["on", "off"]), default="on", show_default=True, help="Monte-Carlo p50/p90/p99 of random workloads (off skips their draws).")
+@click.option("--engine", default=None, help="Engine profile: reference (default), hf-transformers, vllm, or a YAML path (see `ttcsim engines list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
 @_friendly
@@ -133,6 +134,8 @@ def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> Non
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
     head = f"{r.model} on {r.gpus}x {r.hw}  strategy {r.strategy}  prompt {r.prompt_tokens}  output {r.output_tokens_spec}"
+    if r.engine != "reference":
+        head += f"  engine {r.engine}"
     if r.concurrency > 1:
         head += f"  concurrency {r.concurrency}"
     rows = [
@@ -249,16 +252,18 @@ def _resolve_hw_for_runs(hw_opt: str | None, runs):
 @main.command()
 @click.option("--runs", "runs_path", required=True, type=click.Path(dir_okay=False), help="Run records (JSONL).")
 @click.option("--hw", default=None, help="Profile name or YAML path (default: from the records' hw).")
+@click.option("--engine", default=None, help="Engine profile to predict with (default: the one each record names; reference when none).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly
-def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
+def validate(runs_path: str, hw: str | None, engine: str | None, as_json: bool) -> None:
     """Compare predictions with measured run records."""
     from ttcsim.calibration.records import read_runs
     from ttcsim.calibration.validate import validate_runs
+    from ttcsim.engines import get_engine
 
     runs = read_runs(runs_path)
     profile = _resolve_hw_for_runs(hw, runs)
-    report = validate_runs(runs, profile)
+    report = validate_runs(runs, profile, get_engine(engine) if engine else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -267,17 +272,24 @@ def validate(runs_path: str, hw: str | None, as_json: bool) -> None:
 
 def _print_validation(report: dict) -> None:
     status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
-    click.echo(f"profile {report['hw']} ({status}), {len(report['runs'])} runs")
+    engine = report.get("engine", "reference")
+    engine = engine if isinstance(engine, str) else ",".join(engine)
+    click.echo(f"profile {report['hw']} ({status}), engine {engine}, {len(report['runs'])} runs")
     click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
     for r in report["runs"]:
-        click.echo(
-            f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
-            f"{r['energy_ape_pct']:5.1f}%  {r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} "
-            f"{r['latency_ape_pct']:5.1f}%"
-        )
-    for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency")):
-        s = report["summary"][key]
-        click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
+        if r["latency_s"] is not None:
+            t = f"{r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} {r['latency_ape_pct']:5.1f}%"
+        elif r.get("tpot_s") is not None:
+            t = f"{r['tpot_s']:8.4f} {r['tpot_s_pred']:8.4f} {r['tpot_ape_pct']:5.1f}% (TPOT)"
+        else:
+            t = f"{'-':>8} {'-':>8} {'-':>6}"
+        click.echo(f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
+                   f"{r['energy_ape_pct']:5.1f}%  {t}")
+    for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency"),
+                       ("tpot_ape_pct", "TPOT")):
+        s = report["summary"].get(key)
+        if s and s["n"]:
+            click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
 
 
 @main.group()
@@ -290,39 +302,91 @@ def calibrate() -> None:
 @click.option("--trace", "trace_csv", type=click.Path(dir_okay=False), help="nvidia-smi power CSV.")
 @click.option("--energy", "energy_jsonl", type=click.Path(dir_okay=False), help="Energy-counter samples (JSONL).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Request log (JSONL) for --trace/--energy.")
-@click.option("--base", required=True, help="Profile to start from (name or YAML).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML to write.")
-@click.option("--params", default=None, help="Comma list of parameters to fit (default: all fittable).")
+@click.option("--base", default=None, help="Hardware profile to start from (name or YAML; default: from the records' hw).")
+@click.option("--fit", "fit_kind", type=click.Choice(["hardware", "engine", "both"]), default="hardware", show_default=True, help="Which profile to fit: the GPU's, the engine's, or both.")
+@click.option("--engine", default=None, help="Engine profile to start from (default: the one the records name; reference when none).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML to write (the hardware profile with --fit both).")
+@click.option("--engine-out", "engine_out", default=None, type=click.Path(dir_okay=False), help="Engine YAML to write with --fit both (default: OUT with .engine.yaml).")
+@click.option("--params", default=None, help="Comma list of parameters to fit (engine ones dotted: host.step_s; default: a standard set).")
 @click.option("--prior-weight", default=0.02, show_default=True, type=float, help="Pull towards the base profile.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @_friendly
-def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, out_path, params, prior_weight, force) -> None:
-    """Fit a profile from 3-8 run records, or from a raw trace plus a request log."""
-    from ttcsim.calibration.fit import fit_runs
+def calibrate_fit(runs_path, trace_csv, energy_jsonl, log_path, base, fit_kind, engine, out_path, engine_out, params, prior_weight, force) -> None:
+    """Fit a hardware and/or engine profile from run records, or from a raw trace plus a request log."""
     from ttcsim.calibration.records import read_runs
     from ttcsim.calibration.traces import runs_from_trace
-    from ttcsim.hardware import get_profile
     from ttcsim.io import atomic_write_text
 
     if bool(runs_path) == bool(log_path):
         raise TtcsimError("give either --runs, or --log with --trace and/or --energy")
     if not (math.isfinite(prior_weight) and prior_weight >= 0):
         raise TtcsimError(f"must be a finite number >= 0, got {prior_weight}", "--prior-weight")
-    if not force and Path(out_path).exists():
-        raise TtcsimError("exists; pass --force to overwrite", out_path)
+    if fit_kind == "both":
+        engine_out = engine_out or str(Path(out_path).with_suffix("")) + ".engine.yaml"
+    outs = [out_path] + ([engine_out] if fit_kind == "both" else [])
+    for path in outs:
+        if not force and Path(path).exists():
+            raise TtcsimError("exists; pass --force to overwrite", path)
     if runs_path:
         runs = read_runs(runs_path)
     else:
         runs = runs_from_trace(log_path, trace_csv, energy_jsonl)
     names = [p.strip() for p in params.split(",")] if params else None
-    profile, report = fit_runs(runs, get_profile(base, where="--base"), names, prior_weight)
-    atomic_write_text(out_path, profile.to_yaml(), overwrite=force)
-    click.echo(f"fitted {len(runs)} runs -> {out_path}")
-    for k, v in report.parameters_after.items():
-        before = report.parameters_before[k]
-        if before != v:
-            click.echo(f"  {k:<30} {before:12.4g} -> {v:12.4g}")
-    click.echo("  residuals: " + ", ".join(f"{k} {v:.2f}" for k, v in report.residuals_pct.items()))
+    hw_profile = _resolve_hw_for_runs(base, runs) if base is None else None
+    if base is not None:
+        from ttcsim.hardware import get_profile
+
+        hw_profile = get_profile(base, where="--base")
+    hw_out, eng_out, lines = _fit(runs, hw_profile, engine, fit_kind, names, prior_weight,
+                                  runs_path or log_path)
+    if fit_kind in ("hardware", "both"):
+        atomic_write_text(out_path, hw_out.to_yaml(), overwrite=force)
+    if fit_kind in ("engine", "both"):
+        from ttcsim.engines import engine_to_yaml
+
+        atomic_write_text(outs[-1], engine_to_yaml(eng_out), overwrite=force)
+    click.echo(f"fitted {len(runs)} runs -> {', '.join(outs)}")
+    for line in lines:
+        click.echo(line)
+
+
+def _fit(runs, hw_profile, engine, fit_kind, names, prior_weight, runs_label):
+    """Run the fit; the hardware-only fit of reference-engine records keeps the original path."""
+    from ttcsim.calibration.engine_fit import fit_profiles, runs_engine
+
+    eng = runs_engine(runs, engine)
+    lines = []
+    if fit_kind == "hardware" and eng.is_reference and not any("." in n for n in names or []):
+        from ttcsim.calibration.fit import fit_runs
+
+        profile, report = fit_runs(runs, hw_profile, names, prior_weight)
+        try:
+            profile = profile.checked()
+        except TtcsimError:
+            profile = None  # the bounds-and-priors fit below never fails validation
+        if profile is not None:
+            for k, v in report.parameters_after.items():
+                before = report.parameters_before[k]
+                if before != v:
+                    lines.append(f"  {k:<30} {before:12.4g} -> {v:12.4g}")
+            lines.append("  residuals: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in report.residuals_pct.items()))
+            return profile, eng, lines
+    hw_out, eng_out, rep = fit_profiles(runs, hw_profile, eng, fit_kind, names, prior_weight,
+                                        runs_label=str(runs_label))
+    for k in rep.parameters_after:
+        mark = " (held at prior)" if k in rep.held_at_prior else ""
+        lines.append(f"  {k:<42} {rep.parameters_before[k]:12.4g} -> "
+                     f"{rep.parameters_after[k]:12.4g}{mark}")
+    lines.append(f"  condition number {rep.condition_number:.3g}")
+    for a, b, r in rep.correlated_pairs:
+        lines.append(f"  not identifiable apart: {a} ~ {b} (correlation {r:+.3f})")
+    if rep.excluded_runs:
+        lines.append(f"  left out (cannot be predicted): {', '.join(rep.excluded_runs)}")
+    for note in rep.notes:
+        lines.append(f"  note: {note}")
+    lines.append("  residuals: " + ", ".join(f"{k} {v:.2f}" for k, v in rep.residuals_pct.items()))
+    return hw_out, eng_out, lines
 
 
 @calibrate.command("refit")
@@ -389,6 +453,7 @@ _COMMAND_MODULES = (
     "ttcsim.commands.plan",
     "ttcsim.commands.tradeoffs",
     "ttcsim.commands.sweep",
+    "ttcsim.commands.engines",
 )
 
 

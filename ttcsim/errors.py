@@ -19,10 +19,19 @@ class TtcsimError(ValueError):
 class UnknownNameError(TtcsimError):
     """A hardware, model or strategy name that is not in its registry."""
 
-    def __init__(self, kind: str, name: str, valid: list[str], where: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        valid: list[str],
+        where: str | None = None,
+        suggestions: list[str] | None = None,
+    ):
         shown = ", ".join(valid)
-        super().__init__(f"unknown {kind} {name!r}; valid: {shown}", where)
+        hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
+        super().__init__(f"unknown {kind} {name!r}{hint}; valid: {shown}", where)
         self.valid = valid
+        self.suggestions = suggestions or []
 
 
 class DoesNotFitError(TtcsimError):

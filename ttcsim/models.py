@@ -9,8 +9,10 @@ model's published ``config.json``; the entry's ``source`` names it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -41,7 +43,23 @@ class ModelSpec(BaseModel):
     n_active_experts: int = Field(default=0, ge=0, le=4096, description="experts per token")
     moe_intermediate_size: int | None = Field(default=None, ge=16, le=1048576)
     n_shared_experts: int = Field(default=0, ge=0, le=64)
+    n_dense_layers: int = Field(
+        default=0, ge=0, le=1000, description="leading dense-FFN layers of an MoE model"
+    )
     max_context_tokens: int = Field(default=131072, ge=128, le=10_000_000)
+    ffn_gated: bool = Field(default=True, description="gated FFN (SwiGLU/GeGLU: 3 matrices)")
+    linear_bias: bool = Field(
+        default=False, description="biases on every linear layer and LayerNorm (StarCoder2)"
+    )
+    norms_per_layer: int = Field(default=2, ge=0, le=8, description="norm weight vectors")
+    sliding_window_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    n_sliding_layers: int = Field(
+        default=0, ge=0, le=1000, description="layers attending only the last window"
+    )
+    kv_lora_rank: int | None = Field(default=None, ge=1, le=65536, description="MLA latent")
+    q_lora_rank: int | None = Field(default=None, ge=1, le=65536)
+    qk_rope_head_dim: int = Field(default=0, ge=0, le=1024)
+    v_head_dim: int | None = Field(default=None, ge=1, le=1024)
     source: str = "user config"
 
     @model_validator(mode="after")
@@ -55,7 +73,30 @@ class ModelSpec(BaseModel):
                 raise ValueError("need 1 <= n_active_experts <= n_experts for an MoE model")
         elif self.n_active_experts:
             raise ValueError("n_active_experts set on a dense model (n_experts = 0)")
+        if self.n_dense_layers > (self.n_layers if self.n_experts else 0):
+            raise ValueError("n_dense_layers must be <= n_layers, and only on an MoE model")
+        if self.n_sliding_layers > self.n_layers:
+            raise ValueError("n_sliding_layers must be <= n_layers")
+        if self.n_sliding_layers and self.sliding_window_tokens is None:
+            raise ValueError("n_sliding_layers set without sliding_window_tokens")
+        if self.kv_lora_rank is not None and self.head_dim <= self.qk_rope_head_dim:
+            raise ValueError("MLA head_dim (qk_nope + qk_rope) must exceed qk_rope_head_dim")
         return self
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is DeepSeek multi-head latent attention (a latent KV cache)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Layers whose FFN is a mixture of experts (all but the leading dense ones)."""
+        return self.n_layers - self.n_dense_layers if self.is_moe else 0
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of one head's value (MLA ``v_head_dim``; else ``head_dim``)."""
+        return self.v_head_dim or self.head_dim
 
     @property
     def is_moe(self) -> bool:
@@ -77,7 +118,57 @@ def _catalog() -> dict[str, ModelSpec]:
 
 @functools.lru_cache(maxsize=1)
 def _aliases() -> dict[str, str]:
-    return {a: m.name for m in _catalog().values() for a in m.aliases}
+    return {a.lower(): m.name for m in _catalog().values() for a in m.aliases}
+
+
+#: Name parts that mark a fine-tuned or re-packaged variant of the same architecture.
+_VARIANT = re.compile(r"-(?:instruct|chat|it|hf|base)(?=-|$)")
+
+
+def _hub_repo(source: str) -> str | None:
+    """The ``org/repo`` a catalog ``source`` starts with (``None`` if it names none)."""
+    head = source.split()[0] if source.split() else ""
+    return head.lower() if re.fullmatch(r"[\w.-]+/[\w.-]+", head) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _name_index() -> dict[str, str]:
+    """Every spelling that resolves to a catalog name: names, aliases, hub ids, base forms."""
+    index: dict[str, str] = {}
+    for m in _catalog().values():
+        repo = _hub_repo(m.source)
+        for key in (m.name, *m.aliases, *((repo, repo.split("/")[1]) if repo else ())):
+            for form in _name_forms(key.lower()):
+                index.setdefault(form, m.name)
+    return index
+
+
+def _name_forms(key: str) -> list[str]:
+    """``key`` and its base forms: organisation dropped, ``meta-``/variant parts removed.
+
+    ``meta-llama/Meta-Llama-3.1-8B-Instruct`` -> ``meta-llama/meta-llama-3.1-8b-instruct``,
+    ``meta-llama-3.1-8b-instruct``, ``llama-3.1-8b-instruct``, ``llama-3.1-8b``.
+    """
+    forms = [key]
+    repo = key.rsplit("/", 1)[-1]
+    for form in (repo, repo.removeprefix("meta-")):
+        forms += [form, _VARIANT.sub("", form)]
+    return list(dict.fromkeys(forms))
+
+
+def resolve_model_name(name: str) -> str | None:
+    """The catalog name ``name`` refers to, case-insensitively, or ``None``.
+
+    Accepts catalog names, aliases, Hugging Face hub ids of the catalog's
+    sources (``Qwen/Qwen2.5-7B-Instruct``) and their variants: another
+    organisation prefix, ``Meta-`` in front, ``-Instruct``/``-Chat``/``-it``/
+    ``-hf``/``-Base`` parts (same architecture, other weights).
+    """
+    index = _name_index()
+    for form in _name_forms(name.strip().lower()):
+        if form in index:
+            return index[form]
+    return None
 
 
 def list_models() -> list[ModelSpec]:
@@ -173,16 +264,23 @@ def load_hf_config(path: str | Path) -> ModelSpec:
 
 
 def get_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
-    """Resolve a catalog name, size alias or ``config.json`` path to a spec."""
+    """Resolve a catalog name, alias, hub id (:func:`resolve_model_name`) or ``config.json`` path.
+
+    An existing path wins over a hub id of the same spelling.  An unknown name
+    raises :class:`~ttcsim.errors.UnknownNameError` listing the closest names first.
+    """
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     key = str(name_or_path)
-    if key.endswith(".json") or "/" in key:
-        p = Path(key)
+    p = Path(key)
+    if key.endswith(".json") or p.exists() and "/" in key:
         return load_hf_config(p / "config.json" if p.is_dir() else p)
-    low = key.lower()
-    low = _aliases().get(low, low)
-    if low not in _catalog():
-        valid = list(_catalog()) + sorted(_aliases())
-        raise UnknownNameError("model", key, valid, "--model")
-    return _catalog()[low]
+    resolved = resolve_model_name(key)
+    if resolved is not None:
+        return _catalog()[resolved]
+    if "/" in key and (key.startswith((".", "/", "~")) or key.count("/") > 1):
+        return load_hf_config(p / "config.json")  # a path that does not exist: say so
+    valid = list(_catalog()) + sorted(_aliases())
+    close = difflib.get_close_matches(key.lower().rsplit("/", 1)[-1], list(_name_index()), n=3)
+    suggestions = list(dict.fromkeys(_name_index()[c] for c in close))
+    raise UnknownNameError("model", key, valid, "--model", suggestions)

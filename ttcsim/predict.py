@@ -34,6 +34,8 @@ from ttcsim.distributions import (
     quadrature_nodes,
     shift_lengths,
 )
+from ttcsim.engines import EngineProfile, get_engine
+from ttcsim.engines import physics as engine_physics
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
@@ -76,6 +78,7 @@ class Prediction(BaseModel):
     kv_dtype: str
     prefix_cache: bool
     calibrated_profile: bool
+    engine: str = "reference"
 
     energy_j: float
     energy_prefill_j: float
@@ -234,16 +237,16 @@ def strategy_memory_bytes(
 _COEFF_CACHE: dict = {}
 
 
-def _coefficients(profile, spec, weight_dtype, kv_dtype, tp) -> PassCoefficients:
-    """Memoised :func:`pass_coefficients` (profiles and specs are frozen; keyed by identity)."""
-    key = (id(profile), id(spec), weight_dtype, kv_dtype, tp)
+def _coefficients(profile, spec, weight_dtype, kv_dtype, tp, engine=None) -> PassCoefficients:
+    """Memoised :func:`pass_coefficients` (frozen profiles, specs and engines; keyed by id)."""
+    key = (id(profile), id(spec), weight_dtype, kv_dtype, tp, id(engine))
     hit = _COEFF_CACHE.get(key)
-    if hit is not None and hit[0] is profile and hit[1] is spec:
+    if hit is not None and hit[0] is profile and hit[1] is spec and hit[3] is engine:
         return hit[2]
     if len(_COEFF_CACHE) > 512:
         _COEFF_CACHE.clear()
-    c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, tp)
-    _COEFF_CACHE[key] = (profile, spec, c)
+    c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, tp, engine)
+    _COEFF_CACHE[key] = (profile, spec, c, engine)
     return c
 
 
@@ -402,6 +405,7 @@ class _Setup:
     weight_dtype: str
     kv_dtype: str
     tp: int
+    engine: EngineProfile | None = None
 
     @property
     def random_lengths(self) -> bool:
@@ -495,8 +499,11 @@ def percentile_draws(s: _Setup) -> int:
 
 def _prepare(
     hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype, kv_dtype,
-    prefix_cache, reward_model,
+    prefix_cache, reward_model, engine=None,
 ) -> _Setup:
+    eng = get_engine(engine)
+    eng = None if eng.is_reference else eng
+    prefix_cache = engine_physics.shares_prefix(eng, prefix_cache)
     profile = get_profile(hw)
     spec = get_model(model)
     strat = parse_strategy(strategy, reward_model=reward_model)
@@ -513,11 +520,17 @@ def _prepare(
     if isinstance(lengths, LengthList):
         _expand(lengths, concurrency, strat.draws_per_query, "--output-tokens")
 
-    c = _coefficients(profile, spec, weight_dtype, kv_dtype, tp)
+    c = _coefficients(profile, spec, weight_dtype, kv_dtype, tp, eng)
     nodes, weights = quadrature_nodes(prompt)
     p_max = int(prompt.tokens) if isinstance(prompt, Fixed) else float(nodes.max())
     max_len = max(lengths.values) if isinstance(lengths, LengthList) else lengths.upper_bound()
     kv_len = kv_sizing_length(lengths, concurrency * strat.samples_per_query)
+    mem_queries = concurrency
+    if eng is not None:
+        kv_len = _engine_kv_length(eng, lengths, kv_len, concurrency * strat.draws_per_query)
+        if eng.batching.policy == "continuous":
+            c, mem_queries = _continuous_batch(c, spec, eng, p_max, kv_len, concurrency,
+                                               strat.samples_per_query)
     total_ctx = strat.max_context_tokens(p_max, max_len)
     if total_ctx > spec.max_context_tokens:
         raise TtcsimError(
@@ -531,7 +544,7 @@ def _prepare(
     def coefficients_for(tp_k: int):
         def reward(name: str | None) -> PassCoefficients:
             if name is None:
-                return _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
+                return _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k, eng)
             key = (name, tp_k)
             if key not in reward_cache:
                 try:
@@ -540,7 +553,9 @@ def _prepare(
                     where = "--reward-model" if name == reward_model else "--strategy"
                     text = str(exc).removeprefix("--model: ")
                     raise TtcsimError(f"reward model: {text}", where) from None
-                reward_cache[key] = _coefficients(profile, rm_spec, weight_dtype, kv_dtype, tp_k)
+                reward_cache[key] = _coefficients(
+                    profile, rm_spec, weight_dtype, kv_dtype, tp_k, eng
+                )
             return reward_cache[key]
 
         return reward
@@ -550,14 +565,14 @@ def _prepare(
     )
 
     def need_for(tp_k: int) -> float:
-        ck = _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k)
+        ck = _coefficients(profile, spec, weight_dtype, kv_dtype, tp_k, eng)
         if not custom:
             return memory_needed_bytes(
-                profile, spec, ck, p_max, kv_len, concurrency, strat.samples_per_query,
+                profile, spec, ck, p_max, kv_len, mem_queries, strat.samples_per_query,
                 prefix_cache,
             )
         return strategy_memory_bytes(
-            strat, spec, ck, p_max, kv_len, concurrency, prefix_cache, coefficients_for(tp_k)
+            strat, spec, ck, p_max, kv_len, mem_queries, prefix_cache, coefficients_for(tp_k)
         )
 
     need = need_for(tp)
@@ -568,7 +583,9 @@ def _prepare(
                 for k in (2, 4, 8, 16, 32, 64)
                 if k > tp
                 and need_for(k)
-                <= _coefficients(profile, spec, weight_dtype, kv_dtype, k).memory_capacity_bytes
+                <= _coefficients(
+                    profile, spec, weight_dtype, kv_dtype, k, eng
+                ).memory_capacity_bytes
             ),
             None,
         )
@@ -593,7 +610,51 @@ def _prepare(
         weight_dtype=weight_dtype,
         kv_dtype=kv_dtype,
         tp=tp,
+        engine=eng,
     )
+
+
+def _engine_kv_length(eng: EngineProfile, lengths, kv_len: float, n_sequences: int) -> float:
+    """Output tokens per sequence the engine's KV cache is sized for.
+
+    Known lengths: ``static`` the longest, ``paged`` the peak in use
+    (:func:`~ttcsim.engines.physics.kv_sizing_tokens`).  Random lengths keep the
+    band of :func:`kv_sizing_length`, except a static padded batch, whose rows
+    all grow to the batch's longest: the expected maximum of ``n`` draws.
+    """
+    padded = eng.batching.policy == "static-padded"
+    if isinstance(lengths, LengthList):
+        values = _expand(lengths, 1, len(lengths.values), "--output-tokens")
+        alloc = "static" if padded else eng.kv_cache.allocation
+        return engine_physics.kv_sizing_tokens(values, alloc)
+    if padded and not getattr(lengths, "is_fixed", False):
+        return float(lengths.quantile(n_sequences / (n_sequences + 1.0)))
+    return kv_len
+
+
+def _continuous_batch(c: PassCoefficients, spec: ModelSpec, eng: EngineProfile, p_max: float,
+                      kv_len: float, concurrency: int, samples: int):
+    """Running batch of a continuous engine: ``min(max_num_seqs, KV-feasible)``.
+
+    The paged pool is the usable memory less weights and workspace; each
+    running sequence holds ``P + L_kv`` tokens in blocks.  Returns the
+    coefficients with ``max_num_seqs`` set to that batch and the number of
+    queries the memory check must hold at once.  Raises
+    :class:`~ttcsim.errors.DoesNotFitError` when not one sequence fits.
+    """
+    slots = min(eng.batching.max_num_seqs or 1, concurrency * samples)
+    workspace = slots * spec.vocab_size * 4.0 + slots * p_max * (
+        4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
+    ) * ACTIVATION_BYTES  # logits and prefill activations, as memory_needed_bytes
+    free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
+    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, p_max + kv_len,
+                                           eng.kv_cache.block_tokens)
+    if fit < 1:
+        raise DoesNotFitError(
+            f"{spec.name}: one sequence of {p_max + kv_len:.0f} tokens does not fit the KV "
+            f"cache left after the weights ({max(free, 0) / 1e9:.1f} GB per GPU)", "--model")
+    batch = int(min(slots, fit))
+    return dataclasses.replace(c, max_num_seqs=batch), max(1, min(concurrency, batch // samples))
 
 
 def predict(
@@ -615,6 +676,7 @@ def predict(
     draws: int | None = None,
     seed: int = 0,
     marginal: bool = True,
+    engine: str | EngineProfile | None = None,
 ) -> Prediction:
     """Predict the energy and latency of one query.
 
@@ -640,6 +702,8 @@ def predict(
         (at most as many, ~30 ms of work) when only the percentiles need draws
     marginal : also compute the marginal J per output / prompt token (two
         more evaluations)
+    engine : engine profile name (``reference``, ``hf-transformers``, ``vllm``),
+        alias or YAML path; None is ``reference`` (see :mod:`ttcsim.engines`)
 
     For random lengths ``energy_j`` and ``latency_s`` are exact expectations
     where the strategy has one, else Monte-Carlo means (``expectation``,
@@ -655,7 +719,7 @@ def predict(
     seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
-        kv_dtype, prefix_cache, reward_model,
+        kv_dtype, prefix_cache, reward_model, engine,
     )
     strat, c, q, lengths = s.strategy, s.c, s.concurrency, s.lengths
     if draws is None:
@@ -713,6 +777,7 @@ def predict(
         kv_dtype=s.kv_dtype,
         prefix_cache=s.prefix_cache,
         calibrated_profile=s.profile.calibrated,
+        engine=s.engine.name if s.engine is not None else "reference",
         energy_j=float(energy),
         energy_prefill_j=float(by["_prefill"]),
         energy_decode_j=float(by["_decode"]),
@@ -789,6 +854,7 @@ def predict_draws(
     reward_model: str | None = None,
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
+    engine: str | EngineProfile | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Per-query energy [J] and latency [s] of each seeded Monte-Carlo draw, and the spec.
 
@@ -799,7 +865,7 @@ def predict_draws(
     seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
-        kv_dtype, prefix_cache, reward_model,
+        kv_dtype, prefix_cache, reward_model, engine,
     )
     if not s.random_cost:
         t = s.exact_totals(s.lengths)

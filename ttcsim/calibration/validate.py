@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttcsim.calibration.records import RunRecord
+from ttcsim.engines import EngineProfile, engine_from_record, get_engine
+from ttcsim.engines.steady import SteadyState, steady_state
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile
 from ttcsim.predict import Prediction, predict
@@ -29,9 +31,29 @@ REFERENCE_FIT_IDS = (
 )
 
 
-def predict_record(run: RunRecord, profile: HardwareProfile) -> Prediction:
-    """Predict the workload a run record describes with ttcsim."""
+def record_engine(run: RunRecord, engine=None) -> EngineProfile:
+    """The engine to predict a record with: the record's, or ``engine`` with its settings.
+
+    ``engine`` (a name, path or profile; e.g. ``validate --engine``) replaces the
+    profile the record names; the record's own settings (``max_num_seqs``,
+    ``gpu_memory_utilization``...) still apply on top.
+    """
+    value = run.engine_settings
+    if engine is not None:
+        if isinstance(value, dict):
+            value = {**value, "name": get_engine(engine)}
+        else:
+            value = get_engine(engine)
+    try:
+        return engine_from_record(value)
+    except TtcsimError as exc:
+        raise TtcsimError(f"run {run.label}: {exc}") from None
+
+
+def predict_record(run: RunRecord, profile: HardwareProfile, engine=None) -> Prediction:
+    """Predict the workload a run record describes with ttcsim (``measure: run``)."""
     reward = run.reward_model if run.reward_model and run.reward_model != run.model else None
+    eng = record_engine(run, engine)
     try:
         return predict(
             hw=profile,
@@ -40,10 +62,29 @@ def predict_record(run: RunRecord, profile: HardwareProfile) -> Prediction:
             prompt_tokens=run.prompt_tokens,
             output_tokens=list(run.output_tokens),
             concurrency=run.concurrent_queries,
+            tp=run.tp,
             weight_dtype=run.dtype,
             prefix_cache=run.prefix_sharing,
             reward_model=reward,
             percentiles=False,
+            marginal=False,
+            engine=eng,
+        )
+    except TtcsimError as exc:
+        raise TtcsimError(f"run {run.label}: {exc}") from None
+
+
+def predict_steady_record(run: RunRecord, profile: HardwareProfile, engine=None) -> SteadyState:
+    """Predict a ``measure: steady-state`` record (:func:`ttcsim.engines.steady.steady_state`)."""
+    eng = record_engine(run, engine)
+    batch = run.running_batch or run.max_num_seqs
+    output = run.output_tokens
+    if isinstance(output, list):
+        output = ",".join(str(v) for v in output)
+    try:
+        return steady_state(
+            hw=profile, model=run.model, engine=eng, prompt_tokens=run.prompt_tokens,
+            output_tokens=output, running_batch=batch, tp=run.tp, weight_dtype=run.dtype,
         )
     except TtcsimError as exc:
         raise TtcsimError(f"run {run.label}: {exc}") from None
@@ -51,13 +92,22 @@ def predict_record(run: RunRecord, profile: HardwareProfile) -> Prediction:
 
 @dataclass(frozen=True)
 class RunComparison:
-    """Measured and predicted totals of one run."""
+    """Measured and predicted values of one run: of what the record measured.
+
+    ``energy_j`` is the whole run's energy (``measure: run``) or the energy per
+    request (``measure: steady-state``); ``latency_s`` the batch's wall time
+    (None for a steady state); ``tpot_s`` the time per output token where
+    measured.
+    """
 
     id: str
     energy_j: float
     energy_j_pred: float
-    latency_s: float
-    latency_s_pred: float
+    latency_s: float | None
+    latency_s_pred: float | None
+    tpot_s: float | None = None
+    tpot_s_pred: float | None = None
+    measure: str = "run"
 
     @property
     def energy_ape(self) -> float:
@@ -65,20 +115,44 @@ class RunComparison:
         return abs(self.energy_j_pred - self.energy_j) / self.energy_j * 100.0
 
     @property
-    def latency_ape(self) -> float:
-        """Absolute percentage error of latency [%]."""
+    def latency_ape(self) -> float | None:
+        """Absolute percentage error of latency [%] (None when not measured)."""
+        if self.latency_s is None or self.latency_s_pred is None:
+            return None
         return abs(self.latency_s_pred - self.latency_s) / self.latency_s * 100.0
 
+    @property
+    def tpot_ape(self) -> float | None:
+        """Absolute percentage error of the time per output token [%] (None: not measured)."""
+        if self.tpot_s is None or self.tpot_s_pred is None:
+            return None
+        return abs(self.tpot_s_pred - self.tpot_s) / self.tpot_s * 100.0
 
-def compare_run(run: RunRecord, profile: HardwareProfile) -> RunComparison:
+
+def predicted_tpot_s(p: Prediction, run: RunRecord) -> float:
+    """Time per output token of a run's query: ``(latency - TTFT) / (mean length - 1)``."""
+    mean_len = float(np.mean(run.output_tokens))
+    return (p.latency_s - p.ttft_s) / max(mean_len - 1.0, 1.0)
+
+
+def compare_run(run: RunRecord, profile: HardwareProfile, engine=None) -> RunComparison:
     """Predict one run; totals are for the whole run (all concurrent queries)."""
-    p = predict_record(run, profile)
+    if run.measure == "steady-state":
+        s = predict_steady_record(run, profile, engine)
+        return RunComparison(
+            id=run.label, energy_j=run.energy_j, energy_j_pred=s.energy_per_request_j,
+            latency_s=None, latency_s_pred=None, tpot_s=run.tpot_s,
+            tpot_s_pred=s.tpot_s if run.tpot_s is not None else None, measure=run.measure,
+        )
+    p = predict_record(run, profile, engine)
     return RunComparison(
         id=run.label,
         energy_j=run.energy_j,
         energy_j_pred=p.energy_j * run.concurrent_queries,
         latency_s=run.latency_s,
         latency_s_pred=p.batch_latency_s,
+        tpot_s=run.tpot_s,
+        tpot_s_pred=predicted_tpot_s(p, run) if run.tpot_s is not None else None,
     )
 
 
@@ -95,26 +169,39 @@ def summarize(errors_pct: list[float]) -> dict[str, float]:
     }
 
 
-def validate_runs(runs: list[RunRecord], profile: HardwareProfile) -> dict:
-    """Per-run comparison and a summary, as a JSON-ready dict."""
-    rows = [compare_run(r, profile) for r in runs]
+def _row(r: RunComparison) -> dict:
+    row = {
+        "id": r.id,
+        "measure": r.measure,
+        "energy_j": r.energy_j,
+        "energy_j_pred": r.energy_j_pred,
+        "energy_ape_pct": r.energy_ape,
+        "latency_s": r.latency_s,
+        "latency_s_pred": r.latency_s_pred,
+        "latency_ape_pct": r.latency_ape,
+    }
+    if r.tpot_s is not None:
+        row |= {"tpot_s": r.tpot_s, "tpot_s_pred": r.tpot_s_pred, "tpot_ape_pct": r.tpot_ape}
+    return row
+
+
+def validate_runs(runs: list[RunRecord], profile: HardwareProfile, engine=None) -> dict:
+    """Per-run comparison and a summary, as a JSON-ready dict.
+
+    ``engine`` replaces the engine every record names (see :func:`record_engine`).
+    """
+    rows = [compare_run(r, profile, engine) for r in runs]
+    engines = sorted({record_engine(r, engine).name for r in runs})
     return {
         "hw": profile.name,
         "calibrated_profile": profile.calibrated,
-        "runs": [
-            {
-                "id": r.id,
-                "energy_j": r.energy_j,
-                "energy_j_pred": r.energy_j_pred,
-                "energy_ape_pct": r.energy_ape,
-                "latency_s": r.latency_s,
-                "latency_s_pred": r.latency_s_pred,
-                "latency_ape_pct": r.latency_ape,
-            }
-            for r in rows
-        ],
+        "engine": engines[0] if len(engines) == 1 else engines,
+        "runs": [_row(r) for r in rows],
         "summary": {
             "energy_ape_pct": summarize([r.energy_ape for r in rows]),
-            "latency_ape_pct": summarize([r.latency_ape for r in rows]),
+            "latency_ape_pct": summarize(
+                [r.latency_ape for r in rows if r.latency_ape is not None]
+            ),
+            "tpot_ape_pct": summarize([r.tpot_ape for r in rows if r.tpot_ape is not None]),
         },
     }

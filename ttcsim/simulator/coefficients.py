@@ -10,7 +10,7 @@ per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ttcsim.hardware import HardwareProfile
 from ttcsim.models import ModelSpec
@@ -55,6 +55,21 @@ class PassCoefficients:
     dvfs_energy_exponent: float  #: gamma: energy/FLOP ~ clock_scale**gamma when throttled
     memory_capacity_bytes: float  #: usable per GPU
     weight_bytes_total: float  #: all weights on this GPU (every expert)
+    # Engine terms (:mod:`ttcsim.engines.physics`); all zero/empty for the reference
+    # engine, whose passes are priced exactly as without them.
+    engine_name: str = "reference"
+    has_engine_terms: bool = False  #: any host, copy or bucket term below is set
+    host_pass_s: float = 0.0  #: exposed host time per pass: (1-ov)(step + L*per_layer) [s]
+    host_sequence_s: float = 0.0  #: exposed host time per running sequence per pass [s]
+    host_prefill_s: float = 0.0  #: exposed host time per prefill pass [s]
+    host_prefill_token_s: float = 0.0  #: exposed host time per prefill token [s]
+    host_gap_saving_w: float = 0.0  #: P_static - P_gap while the GPU waits for the host [W]
+    kv_copy_bytes_per_token: float = 0.0  #: bytes copied per decode step per KV token in use
+    decode_batch_buckets: tuple[float, ...] = ()  #: CUDA-graph batch sizes (padded up to)
+    batching: str = "lockstep"  #: lockstep | static-padded | continuous
+    max_num_seqs: int = 0  #: continuous batching: most running sequences
+    prefill_tokens_per_pass: float = 0.0  #: 0: one pass per prefill phase
+    prefill_chunked: bool = False  #: a prompt may be split across prefill passes
 
 
 def pass_coefficients(
@@ -63,6 +78,7 @@ def pass_coefficients(
     weight_dtype: str = "bf16",
     kv_dtype: str = "bf16",
     tp: int = 1,
+    engine=None,
 ) -> PassCoefficients:
     """Fold profile and model into :class:`PassCoefficients`.
 
@@ -70,6 +86,10 @@ def pass_coefficients(
     figure divided by ``r`` (same power at each dtype's peak).  The per-pass
     all-reduce model is a ring: ``2 * L`` all-reduces of ``T * H`` activations,
     each ``latency + 2 * (tp - 1) / tp * bytes / (B_link * efficiency)``.
+
+    ``engine`` (an :class:`~ttcsim.engines.EngineProfile`, None = reference)
+    scales the efficiencies, sets the usable memory and adds the engine terms
+    (:func:`ttcsim.engines.physics.coefficient_terms`).
     """
     ds, p = profile.datasheet, profile.parameters
     w_bytes = dtype_bytes(weight_dtype)
@@ -79,16 +99,23 @@ def pass_coefficients(
     link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
     ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
     n_allreduce = 2 * spec.n_layers if tp > 1 else 0
-    return PassCoefficients(
+    kv_split = 1 if spec.is_mla else tp  # the MLA latent is one head: every GPU keeps it all
+    extra: dict = {}
+    if engine is not None and not engine.is_reference:
+        from ttcsim.engines.physics import coefficient_terms, scaled_parameters
+
+        p = scaled_parameters(p, engine)
+        extra = coefficient_terms(engine, profile, spec, tp)
+    c = PassCoefficients(
         n_gpus=tp,
         n_layers=spec.n_layers,
         hidden_size=spec.hidden_size,
         n_experts=spec.n_experts,
         n_active_experts=spec.n_active_experts,
         shared_weight_bytes=arch.shared_weight_parameters(spec) * w_bytes / tp,
-        expert_bytes=spec.n_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
+        expert_bytes=spec.n_moe_layers * arch.expert_parameters_per_layer(spec) * w_bytes / tp,
         linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
-        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / tp,
+        kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / kv_split,
         attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
         weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
         attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
@@ -112,3 +139,11 @@ def pass_coefficients(
         memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
         weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,
     )
+    if extra:
+        kv = extra.pop("kv_copy_factor") * c.kv_bytes_per_token
+        c = replace(c, kv_copy_bytes_per_token=kv, **extra)
+        c = replace(c, has_engine_terms=bool(
+            c.host_pass_s or c.host_sequence_s or c.host_prefill_s or c.host_prefill_token_s
+            or c.kv_copy_bytes_per_token or c.decode_batch_buckets
+        ))
+    return c

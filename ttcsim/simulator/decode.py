@@ -35,9 +35,11 @@ import numpy as np
 from ttcsim.simulator.coefficients import PassCoefficients
 from ttcsim.simulator.roofline import (
     attention_time_per_pair_s,
+    exposed_host_time_s,
     fixed_time_s,
     forward_pass,
     linear_time_s,
+    padded_batch,
     weight_bytes_read,
 )
 
@@ -67,6 +69,8 @@ def step_coefficients(c: PassCoefficients, batch, l2_hit_tokens=0.0):
     HBM (prefix sharing: energy only).  Arrays broadcast.
     """
     b = np.asarray(batch, dtype=float)
+    if c.has_engine_terms:
+        return _engine_step_coefficients(c, b, l2_hit_tokens)
     a = attention_time_per_pair_s(c, b)
     t0 = linear_time_s(c, b) + fixed_time_s(c, b)
     e0 = (
@@ -75,6 +79,30 @@ def step_coefficients(c: PassCoefficients, batch, l2_hit_tokens=0.0):
         + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
     )
     e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
+        c.energy_per_attention_flop_j * c.attention_flops_per_pair
+    )
+    return t0, a, e0, e1
+
+
+def _engine_step_coefficients(c: PassCoefficients, b: np.ndarray, l2_hit_tokens):
+    """:func:`step_coefficients` with engine terms (the same model as ``forward_pass``).
+
+    GEMMs at the graph bucket ``bp = pad(b)``; exposed host time
+    ``h(b) = h_pass + h_seq b`` adds to ``t0`` and takes ``(P_static - P_gap) h``
+    off ``e0``; a per-step cache copy of ``k`` bytes per KV token adds
+    ``k / B_w`` to ``a`` and ``e_B k`` to ``e1``.
+    """
+    bp = padded_batch(c.decode_batch_buckets, b) if c.decode_batch_buckets else b
+    host = exposed_host_time_s(c, b, b)
+    a = attention_time_per_pair_s(c, b) + c.kv_copy_bytes_per_token / c.weight_bandwidth_bytes_per_s
+    t0 = linear_time_s(c, bp) + fixed_time_s(c, bp) + host
+    e0 = (
+        c.energy_per_byte_j
+        * (weight_bytes_read(c, bp) + (b - l2_hit_tokens) * c.kv_bytes_per_token)
+        + c.energy_per_linear_flop_j * bp * c.linear_flops_per_token
+        - c.host_gap_saving_w * host
+    )
+    e1 = c.energy_per_byte_j * (c.kv_bytes_per_token + c.kv_copy_bytes_per_token) + (
         c.energy_per_attention_flop_j * c.attention_flops_per_pair
     )
     return t0, a, e0, e1

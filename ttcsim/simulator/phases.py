@@ -97,6 +97,8 @@ def prefill_phase(
     prompt: ``S*C + S*(S+1)/2``.
     """
     tokens = n_prompts * new_tokens
+    if c.prefill_tokens_per_pass:
+        return _split_prefill(c, n_prompts, new_tokens, cached_tokens, name)
     cost = forward_pass(
         c,
         tokens,
@@ -115,6 +117,36 @@ def prefill_phase(
         peak_power_w=float(average_power_w(e, t)),
         throttled=bool(cost.throttled),
         processed_tokens=float(tokens),
+    )
+
+
+def _split_prefill(c: PassCoefficients, n_prompts, new_tokens, cached_tokens, name: str):
+    """A prefill cut into ``m`` equal passes by the engine's token budget.
+
+    ``m`` from :func:`ttcsim.engines.physics.prefill_passes`; each pass holds
+    ``1/m`` of the prompts, tokens, cached reads and attention pairs.
+    """
+    from ttcsim.engines.physics import prefill_passes
+
+    m = prefill_passes(n_prompts, new_tokens, c.prefill_tokens_per_pass, c.prefill_chunked)
+    cost = forward_pass(
+        c,
+        n_prompts * new_tokens / m,
+        n_prompts * cached_tokens / m,
+        n_prompts * arch.causal_pairs(new_tokens, cached_tokens) / m,
+        sequences=n_prompts / m,
+        prefill=True,
+    )
+    t, e = float(cost.time_s), float(cost.energy_j)
+    return PhaseCost(
+        name=name,
+        time_s=m * t,
+        query_time_s=m * t,
+        energy_j=m * e,
+        dynamic_energy_j=m * float(cost.dynamic_energy_j),
+        peak_power_w=float(average_power_w(e, t)),
+        throttled=bool(cost.throttled),
+        processed_tokens=float(n_prompts * new_tokens),
     )
 
 
@@ -166,6 +198,11 @@ def decode_phase(
     so the prompt part of their KV reads comes from HBM once per query and step.
     """
     n = n_queries * samples
+    if c.batching != "lockstep":
+        engine_phase = _engine_decode(c, prompt_tokens, lengths, n_queries, samples, name,
+                                      shared_prefix)
+        if engine_phase is not None:
+            return engine_phase
     peak = float(decode_peak_power_w(c, n, prompt_tokens, *length_extremes(lengths, n)))
     if isinstance(lengths, Draws):
         t, e_dyn, e, q_time = decode_draws(c, prompt_tokens, lengths.values, samples, shared_prefix)
@@ -198,6 +235,61 @@ def decode_phase(
         peak_power_w=peak,
         generated_tokens=cost.generated_tokens,
     )
+
+
+def _engine_decode(c, prompt_tokens, lengths, n_queries, samples, name, shared_prefix):
+    """:func:`decode_phase` under a static-padded or continuous engine (None: lock step).
+
+    See :mod:`ttcsim.simulator.batching`.  Continuous batching with no more
+    sequences than slots is lock step.
+    """
+    from ttcsim.engines.physics import padded_lengths
+    from ttcsim.simulator.batching import (
+        continuous_decode,
+        quantile_lengths,
+        static_padded_expected,
+    )
+
+    n = n_queries * samples
+    fixed = getattr(lengths, "is_fixed", False)
+    if c.batching == "continuous":
+        if n <= c.max_num_seqs or c.max_num_seqs < 1:
+            return None
+        if isinstance(lengths, Draws):
+            values = lengths.values
+        elif isinstance(lengths, LengthList):
+            values = _expand(lengths, n_queries, samples, "--output-tokens")
+        elif fixed:
+            values = np.full(n, float(lengths.tokens))
+        else:
+            values = quantile_lengths(lengths, n)
+        t, e_dyn, e, q_time, peak = continuous_decode(c, prompt_tokens, values, c.max_num_seqs,
+                                                      samples)
+        tokens = np.maximum(np.atleast_2d(values) - 1.0, 0.0).sum(axis=1)
+        if not isinstance(lengths, Draws):
+            t, e_dyn, e, q_time, tokens = (float(v[0]) for v in (t, e_dyn, e, q_time, tokens))
+        return PhaseCost(name, t, q_time, e, e_dyn, peak, tokens)
+    if c.batching != "static-padded" or fixed:
+        return None
+    if isinstance(lengths, LengthDistribution):
+        cost, peak = static_padded_expected(c, prompt_tokens, lengths.survival_steps(), n,
+                                            n_queries, shared_prefix)
+        return PhaseCost(name, cost.time_s, cost.time_s, cost.energy_j, cost.dynamic_energy_j,
+                         peak, cost.generated_tokens)
+    if isinstance(lengths, Draws):
+        real = (lengths.values - 1).sum(axis=1)
+        padded = padded_lengths(lengths.values)
+        t, e_dyn, e, _ = decode_draws(c, prompt_tokens, padded, samples, shared_prefix)
+        longest = float(padded.max())
+        peak = float(decode_peak_power_w(c, n, prompt_tokens, longest, longest))
+        return PhaseCost(name, t, t, e, e_dyn, peak, real)
+    values = _expand(lengths, n_queries, samples, "--output-tokens")
+    padded = padded_lengths(values)
+    cost = deterministic_decode(c, prompt_tokens, padded, samples, shared_prefix)
+    longest = float(padded.max())
+    peak = float(decode_peak_power_w(c, n, prompt_tokens, longest, longest))
+    return PhaseCost(name, cost.time_s, cost.time_s, cost.energy_j, cost.dynamic_energy_j, peak,
+                     float((values - 1).sum()))
 
 
 def score_phase(
@@ -366,6 +458,10 @@ def decode_matrix(
     :func:`~ttcsim.simulator.decode.segment_cost`).
     """
     L = np.atleast_2d(np.asarray(lengths, dtype=float))
+    if c.batching == "static-padded":  # finished rows stay until the row's longest ends
+        from ttcsim.engines.physics import padded_lengths
+
+        L = padded_lengths(L)
     draws, n = L.shape
     default_segment = segment is None
     if segment is None:

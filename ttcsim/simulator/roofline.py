@@ -59,6 +59,29 @@ def weight_bytes_read(c: PassCoefficients, tokens) -> np.ndarray:
     return c.shared_weight_bytes + touched * c.expert_bytes
 
 
+def padded_batch(buckets, batch) -> np.ndarray:
+    """Decode batch a CUDA-graph engine runs: the smallest bucket ``>= batch``.
+
+    A batch above the largest bucket runs eagerly at its own size; 0 stays 0.
+    """
+    b = np.asarray(batch, dtype=float)
+    sizes = np.asarray(buckets, dtype=float)
+    i = np.searchsorted(sizes, b, side="left")
+    return np.where((b > 0) & (i < sizes.size), sizes[np.minimum(i, sizes.size - 1)], b)
+
+
+def exposed_host_time_s(c: PassCoefficients, sequences, tokens, prefill: bool = False):
+    """Host time of a pass that the GPU waits for [s] (engine terms, see ``ttcsim.engines``).
+
+    ``t_host = h_pass + h_seq * b [+ h_prefill + h_token * T for a prefill]``,
+    each already multiplied by ``1 - overlap``.
+    """
+    host = c.host_pass_s + c.host_sequence_s * np.asarray(sequences, dtype=float)
+    if prefill:
+        host = host + c.host_prefill_s + c.host_prefill_token_s * np.asarray(tokens, dtype=float)
+    return host
+
+
 def smooth_roofline(a, b, p: float):
     """``(a^p + b^p)^(1/p)`` computed stably (``max(a, b)`` for ``p`` >= 64)."""
     a = np.asarray(a, dtype=float)
@@ -139,6 +162,16 @@ def forward_pass(
         is fetched from HBM once per step and re-read from L2 by the other samples.
     prefill : add the profile's fixed ``prefill_overhead_s`` (host and launch work
         of a prefill pass, which serving engines run without CUDA graphs)
+
+    Engine terms (``c.has_engine_terms``; none for the reference engine): a
+    decode step (``kv_read_tokens == attention_pairs``, not a prefill) runs its
+    GEMMs at the CUDA-graph bucket ``pad(T)`` and copies
+    ``kv_copy_bytes_per_token * K`` bytes at the weight-streaming bandwidth;
+    every pass adds the exposed host time ``t_host``
+    (:func:`exposed_host_time_s`) to its fixed time, during which each GPU
+    draws ``P_static - host_gap_saving_w``::
+
+        t = t_gpu + t_host,   E = n_gpus (P_static t_gpu + P_gap t_host + E_dyn)
     """
     kv_hbm_tokens = kv_read_tokens if kv_hbm_tokens is None else kv_hbm_tokens
     sequences = tokens if sequences is None else sequences
@@ -152,12 +185,17 @@ def forward_pass(
     tokens, kv_read, pairs, seqs, kv_hbm = (
         v.reshape(-1) for v in (tokens, kv_read, pairs, seqs, kv_hbm)
     )
-    w_bytes = weight_bytes_read(c, tokens)
+    lin = tokens  # tokens the GEMMs run (a decode batch padded to its CUDA-graph bucket)
+    if c.has_engine_terms:
+        decode = (kv_read == pairs) & (not prefill)  # a decode step reads what it attends
+        if c.decode_batch_buckets:
+            lin = np.where(decode, padded_batch(c.decode_batch_buckets, tokens), tokens)
+    w_bytes = weight_bytes_read(c, lin)
     t_wm = w_bytes / c.weight_bandwidth_bytes_per_s
-    t_wc = tokens * c.linear_flops_per_token / c.gemm_flops_per_s
+    t_wc = lin * c.linear_flops_per_token / c.gemm_flops_per_s
     t_am = kv_read * c.kv_bytes_per_token / attention_bandwidth_bytes_per_s(c, seqs)
     t_ac = pairs * c.attention_flops_per_pair / c.attention_flops_per_s
-    t_fix = fixed_time_s(c, tokens) + (c.prefill_overhead_s if prefill else 0.0)
+    t_fix = fixed_time_s(c, lin) + (c.prefill_overhead_s if prefill else 0.0)
     p = c.roofline_exponent
 
     def time_at(s, parts):
@@ -166,9 +204,15 @@ def forward_pass(
 
     e_mem = c.energy_per_byte_j * (w_bytes + (kv_hbm + tokens) * c.kv_bytes_per_token)
     e_comp = (
-        c.energy_per_linear_flop_j * tokens * c.linear_flops_per_token
+        c.energy_per_linear_flop_j * lin * c.linear_flops_per_token
         + c.energy_per_attention_flop_j * pairs * c.attention_flops_per_pair
     )
+    if c.has_engine_terms:
+        # exposed host time (the GPU waits, at the gap power) and per-step cache copies
+        host = exposed_host_time_s(c, seqs, tokens, prefill)
+        copied = np.where(decode, c.kv_copy_bytes_per_token * kv_read, 0.0)
+        t_fix = t_fix + host + copied / c.weight_bandwidth_bytes_per_s
+        e_mem = e_mem + c.energy_per_byte_j * copied - c.host_gap_saving_w * host
     t = time_at(1.0, (t_wm, t_wc, t_am, t_ac, t_fix))
     active = tokens > 0
     safe_t = np.where(active, t, 1.0)

@@ -1,0 +1,1 @@
+"""Engine profiles shipped as YAML package data, one file per engine (file name = name)."""
