@@ -202,38 +202,171 @@ def _bool(cfg: dict, key: str, default: bool) -> bool:
     return v
 
 
-def spec_from_hf_config(cfg: dict, name: str = "custom") -> ModelSpec:
+#: ``model_type`` values whose config class defaults ``tie_word_embeddings`` to true
+#: (transformers' Gemma/Gemma2/Gemma3/Starcoder2/GPT-2 configs; Phi-3-small's own).
+_TIED_BY_DEFAULT = frozenset(
+    {"gemma", "gemma2", "gemma3", "gemma3_text", "starcoder2", "gpt2", "phi3small"}
+)
+#: ``model_type`` values with pre- and post-norms around attention and FFN (4 per layer).
+_FOUR_NORMS = frozenset({"gemma2", "gemma3", "gemma3_text"})
+#: Families whose ``sliding_window`` is only used with ``use_sliding_window: true``.
+_QWEN_WINDOW = frozenset({"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
+
+
+def _sliding_layers(cfg: dict, n_layers: int) -> tuple[int | None, int]:
+    """``(window, sliding layer count)`` from a config's attention-pattern keys.
+
+    In order: ``layer_types`` (count of ``"sliding_attention"``); Qwen2/3's
+    ``use_sliding_window`` with layers ``i >= max_window_layers`` sliding;
+    Gemma-2's even layers; Gemma-3's ``sliding_window_pattern`` (every
+    ``pattern``-th layer global, default 6); else every layer when
+    ``sliding_window`` is set (Mistral-7B-v0.1, StarCoder2, Phi-3).
+    ``(None, 0)`` when the model has no window.
+    """
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False:
+        return None, 0
+    window = _int(cfg, "sliding_window")
+    kind = cfg.get("model_type")
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        if len(types) != n_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {n_layers} layers")
+        n = sum(t == "sliding_attention" for t in types)
+    elif kind in _QWEN_WINDOW:
+        if not _bool(cfg, "use_sliding_window", False):
+            return None, 0
+        n = max(n_layers - _int(cfg, "max_window_layers", default=28), 0)
+    elif kind == "gemma2":
+        n = (n_layers + 1) // 2  # layer i slides when i is even
+    elif kind in ("gemma3", "gemma3_text"):
+        n = n_layers - n_layers // _int(cfg, "sliding_window_pattern", default=6)
+    else:
+        n = n_layers
+    return (window, n) if n else (None, 0)
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """Expert counts and layout: Mixtral, Qwen-MoE and DeepSeek key names."""
+    n_experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    if not n_experts:
+        return {}
+    width = cfg.get("moe_intermediate_size")
+    shared = _int(cfg, "n_shared_experts", default=0)
+    shared_width = cfg.get("shared_expert_intermediate_size")  # Qwen-MoE: one wide shared FFN
+    if shared_width and width and not shared:
+        if shared_width % width:
+            raise ValueError("shared_expert_intermediate_size not a multiple of the expert width")
+        shared = shared_width // width
+    return {
+        "n_experts": n_experts,
+        "n_active_experts": _int(cfg, "num_experts_per_tok", "num_experts_per_token"),
+        "moe_intermediate_size": width,
+        "n_shared_experts": shared,
+        "n_dense_layers": _int(cfg, "first_k_dense_replace", default=0),
+    }
+
+
+def _mla_fields(cfg: dict) -> dict:
+    """DeepSeek multi-head latent attention: latent ranks and head dims; ``{}`` without MLA."""
+    if cfg.get("kv_lora_rank") is None:
+        return {}
+    rope = _int(cfg, "qk_rope_head_dim")
+    return {
+        "kv_lora_rank": _int(cfg, "kv_lora_rank"),
+        "q_lora_rank": cfg.get("q_lora_rank"),
+        "qk_rope_head_dim": rope,
+        "v_head_dim": _int(cfg, "v_head_dim"),
+        "head_dim": _int(cfg, "qk_nope_head_dim") + rope,
+    }
+
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def _name_from_path(folder: Path) -> str | None:
+    """``org/name`` of an HF cache folder (``models--org--name``), else a non-SHA folder name."""
+    for part in reversed(folder.parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    if folder.name and not _SHA.fullmatch(folder.name) and folder.name != "snapshots":
+        return folder.name
+    return None
+
+
+def name_from_hf_config(cfg: dict, path: Path | None = None) -> str:
+    """A model name for ``cfg``: its ``_name_or_path``, else the file's location, else its type.
+
+    ``_name_or_path`` (its hub id, or a path's last two parts); an HF cache
+    location ``models--org--name/snapshots/<sha>/`` gives ``org/name``; a folder
+    named otherwise than a commit SHA gives its name; else ``architectures[0]``
+    or ``model_type``.
+    """
+    given = cfg.get("_name_or_path")
+    if isinstance(given, str) and given.strip():
+        if not given.startswith(("/", ".", "~")) and given.count("/") <= 1:
+            return given  # a hub id or a bare name
+        name = _name_from_path(Path(given))  # a local path when the config was saved
+        if name:
+            return name
+    if path is not None:
+        name = _name_from_path(path.resolve().parent)
+        if name:
+            return name
+    arch = cfg.get("architectures")
+    if isinstance(arch, list) and arch and isinstance(arch[0], str):
+        return arch[0]
+    return str(cfg.get("model_type", "custom"))
+
+
+def spec_from_hf_config(cfg: dict, name: str | None = None) -> ModelSpec:
     """Build a :class:`ModelSpec` from a Hugging Face ``config.json`` mapping.
 
     Reads the Llama/Qwen/Mistral/Mixtral key names (``num_hidden_layers``,
     ``num_key_value_heads``, ``num_local_experts`` / ``num_experts``,
-    ``num_experts_per_tok``, ``moe_intermediate_size``, ...).
+    ``num_experts_per_tok``, ``moe_intermediate_size``, ...), Gemma-2/3, Phi-3,
+    StarCoder2 (``use_bias``, plain MLP) and DeepSeek-V2/V3 (MLA, shared
+    experts, ``first_k_dense_replace``).  Defaults follow each model type's
+    transformers config class (``tie_word_embeddings`` is true for Gemma and
+    StarCoder2).  Sliding windows: :func:`_sliding_layers`.  ``name``
+    defaults to :func:`name_from_hf_config`.
     """
     if "text_config" in cfg and isinstance(cfg["text_config"], dict):
         cfg = {**cfg, **cfg["text_config"]}
+    name = name or name_from_hf_config(cfg)
+    kind = str(cfg.get("model_type", "llama"))
     hidden = _int(cfg, "hidden_size", "n_embd", "d_model")
     n_heads = _int(cfg, "num_attention_heads", "n_head")
     if n_heads < 1:
         raise ValueError(f"num_attention_heads must be >= 1, got {n_heads}")
-    n_experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    n_layers = _int(cfg, "num_hidden_layers", "n_layer")
+    window, n_sliding = _sliding_layers(cfg, n_layers)
+    fields = {
+        "head_dim": _int(cfg, "head_dim", default=hidden // n_heads),
+        "attention_bias": _bool(cfg, "attention_bias", kind == "qwen2"),
+        **_moe_fields(cfg),
+        **_mla_fields(cfg),
+    }
     return ModelSpec(
         name=name,
-        family=str(cfg.get("model_type", "llama")),
-        n_layers=_int(cfg, "num_hidden_layers", "n_layer"),
+        family=kind,
+        n_layers=n_layers,
         hidden_size=hidden,
         n_heads=n_heads,
         n_kv_heads=_int(cfg, "num_key_value_heads", default=n_heads),
-        head_dim=_int(cfg, "head_dim", default=hidden // n_heads),
-        intermediate_size=_int(cfg, "intermediate_size", "ffn_dim", default=4 * hidden),
+        intermediate_size=_int(
+            cfg, "intermediate_size", "ff_intermediate_size", "ffn_dim", default=4 * hidden
+        ),
         vocab_size=_int(cfg, "vocab_size"),
-        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
-        attention_bias=_bool(cfg, "attention_bias", cfg.get("model_type") == "qwen2"),
-        n_experts=n_experts,
-        n_active_experts=_int(cfg, "num_experts_per_tok", default=0) if n_experts else 0,
-        moe_intermediate_size=cfg.get("moe_intermediate_size"),
-        n_shared_experts=_int(cfg, "n_shared_experts", default=0),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", kind in _TIED_BY_DEFAULT),
         max_context_tokens=_int(cfg, "max_position_embeddings", default=131072),
+        ffn_gated=kind != "starcoder2",
+        linear_bias=_bool(cfg, "use_bias", True) if kind == "starcoder2" else kind == "phi3small",
+        norms_per_layer=4 if kind in _FOUR_NORMS else 2,
+        sliding_window_tokens=window,
+        n_sliding_layers=n_sliding,
         source=f"config.json ({name})",
+        **fields,
     )
 
 
@@ -251,7 +384,7 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise TtcsimError("config.json must hold a JSON object", str(path))
     try:
-        return spec_from_hf_config(cfg, name=path.parent.name or path.stem)
+        return spec_from_hf_config(cfg, name=name_from_hf_config(cfg, path))
     except KeyError as exc:
         raise TtcsimError(f"missing key {exc.args[0]!r}", str(path)) from None
     except (ValidationError, TypeError, ValueError) as exc:

@@ -39,7 +39,13 @@ from ttcsim.engines import physics as engine_physics
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    context_read_tokens,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.phases import Draws, PhaseCost, _expand
 from ttcsim.strategies import Strategy, Workload, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
@@ -170,6 +176,7 @@ def memory_needed_bytes(
         * ACTIVATION_BYTES
         + n_queries * samples * spec.vocab_size * 4.0
     )
+    kv_tokens = kv_cache_tokens(c, kv_tokens, n_queries * samples)
     return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
 
 
@@ -231,7 +238,8 @@ def strategy_memory_bytes(
         extra = strategy.extra_memory_bytes(
             coefficients, prompt_tokens, max_output_tokens, n_queries
         )
-    return c.weight_bytes_total + n_queries * kv * c.kv_bytes_per_token + workspace + extra
+    kv_tokens = kv_cache_tokens(c, n_queries * kv, n_queries * sequences)
+    return c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace + extra
 
 
 _COEFF_CACHE: dict = {}
@@ -647,7 +655,8 @@ def _continuous_batch(c: PassCoefficients, spec: ModelSpec, eng: EngineProfile, 
         4 * spec.hidden_size + 3 * spec.intermediate_size / c.n_gpus
     ) * ACTIVATION_BYTES  # logits and prefill activations, as memory_needed_bytes
     free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
-    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, p_max + kv_len,
+    kept = float(context_read_tokens(c, p_max + kv_len))  # a sliding layer keeps its window
+    fit = engine_physics.kv_feasible_batch(free, c.kv_bytes_per_token, kept,
                                            eng.kv_cache.block_tokens)
     if fit < 1:
         raise DoesNotFitError(

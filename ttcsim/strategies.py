@@ -59,8 +59,7 @@ from ttcsim.distributions import (
     clip_lengths,
 )
 from ttcsim.errors import TtcsimError, UnknownNameError
-from ttcsim.simulator import architecture as arch
-from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.coefficients import PassCoefficients, attention_pairs, context_read_tokens
 from ttcsim.simulator.decode import (
     decode_time_per_query_s,
     deterministic_decode,
@@ -569,11 +568,13 @@ class Beam(Strategy):
         if w.prefix_cache:
             ctx = p + (k - 1) * t_step
             tokens = n * t_step
-            verify = forward_pass(rm, tokens, n * ctx, n * arch.causal_pairs(t_step, ctx))
+            verify = forward_pass(
+                rm, tokens, n * context_read_tokens(rm, ctx), n * attention_pairs(rm, t_step, ctx)
+            )
         else:
             full = p + k * t_step
             tokens = n * full
-            verify = forward_pass(rm, tokens, 0.0, n * arch.causal_pairs(full, 0.0))
+            verify = forward_pass(rm, tokens, 0.0, n * attention_pairs(rm, full, 0.0))
         filled = np.mod(p + (k - 1) * t_step, KV_BLOCK_TOKENS)
         forks = np.where(k == 1, m - 1, self.width * (self.expansion - 1))
         copied = chains * forks * filled
@@ -1010,7 +1011,8 @@ class AdaptiveVote(Strategy):
                     own = float(
                         decode_time_per_query_s(w.policy, p, values, b, w.prefix_cache).max()
                     )
-                first = forward_pass(w.policy, q * b, q * b * (p + 1.0), q * b * (p + 1.0))
+                x = q * b * context_read_tokens(w.policy, p + 1.0)
+                first = forward_pass(w.policy, q * b, x, x)
                 peak = float(average_power_w(first.energy_j, first.time_s))
                 cache[key] = (cost.time_s, own, cost.dynamic_energy_j, cost.energy_j, peak)
             return cache[key]
@@ -1122,7 +1124,7 @@ class AdaptiveVote(Strategy):
                     w.policy,
                     active.sum(axis=1) * b * p,
                     0.0,
-                    active.sum(axis=1) * b * arch.causal_pairs(p),
+                    active.sum(axis=1) * b * attention_pairs(w.policy, p),
                 )
                 pre_t += pre.time_s
                 pre_dyn += pre.dynamic_energy_j

@@ -48,8 +48,14 @@ from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
-from ttcsim.simulator import architecture as arch
-from ttcsim.simulator.coefficients import ACTIVATION_BYTES, PassCoefficients, pass_coefficients
+from ttcsim.simulator.coefficients import (
+    ACTIVATION_BYTES,
+    PassCoefficients,
+    attention_pairs,
+    context_read_tokens,
+    kv_cache_tokens,
+    pass_coefficients,
+)
 from ttcsim.simulator.decode import segment_cost
 from ttcsim.simulator.expectation import (
     decode_expectation,
@@ -424,7 +430,7 @@ def prefill_arrays(c: PassCoefficients, n_prompts: np.ndarray, prompt_tokens: np
     """``prefill_phase(c, n_prompts, prompt_tokens)`` for arrays of whole numbers."""
     tokens = (n_prompts * prompt_tokens).astype(float)  # exact integer product, as in Python
     prompts = n_prompts.astype(float)
-    pairs = prompts * arch.causal_pairs(prompt_tokens.astype(float), 0.0)
+    pairs = prompts * attention_pairs(c, prompt_tokens.astype(float), 0.0)
     cost = forward_pass(c, tokens, 0.0, pairs, sequences=prompts, prefill=True)
     t, e = cost.time_s, cost.energy_j
     return PhaseArrays(t, t, e, cost.dynamic_energy_j, average_power_w(e, t), cost.throttled)
@@ -432,7 +438,7 @@ def prefill_arrays(c: PassCoefficients, n_prompts: np.ndarray, prompt_tokens: np
 
 def decode_first_peak_w(c: PassCoefficients, n_sequences: np.ndarray, prompt: np.ndarray):
     """Peak power of a decode phase: its first step, ``decode_phase``'s ``peak_power_w``."""
-    ctx = n_sequences * (prompt + 1.0)
+    ctx = n_sequences * context_read_tokens(c, prompt + 1.0)
     first = forward_pass(c, n_sequences, ctx, ctx)
     return average_power_w(first.energy_j, first.time_s)
 
@@ -836,6 +842,7 @@ class Sweeper:
         workspace = (conc * prompt_i).astype(float) * per_token * ACTIVATION_BYTES + (
             conc * samples * spec.vocab_size
         ).astype(float) * 4.0
+        kv_tokens = kv_cache_tokens(c, kv_tokens, conc * samples)
         need = c.weight_bytes_total + kv_tokens * c.kv_bytes_per_token + workspace
         out["memory_per_gpu_bytes"][sl] = need
         ctx_ok = prompt_i + max_len <= spec.max_context_tokens

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ttcsim.hardware import HardwareProfile
 from ttcsim.models import ModelSpec
 from ttcsim.simulator import architecture as arch
@@ -35,6 +37,8 @@ class PassCoefficients:
     linear_flops_per_token: float  #: [FLOP/token]
     kv_bytes_per_token: float  #: K+V, all layers [B/token]
     attention_flops_per_pair: float  #: [FLOP/(query*key)]
+    attention_window_tokens: float  #: sliding window W [tokens]; inf without one
+    windowed_fraction: float  #: phi: share of KV bytes and attention FLOPs in sliding layers
     weight_bandwidth_bytes_per_s: float  #: achieved when streaming weights
     attention_bandwidth_bytes_per_s: float  #: achieved when reading KV
     gemm_flops_per_s: float  #: achieved dense GEMM rate in the weight dtype
@@ -117,6 +121,8 @@ def pass_coefficients(
         linear_flops_per_token=arch.linear_flops_per_token(spec) / tp,
         kv_bytes_per_token=arch.kv_elements_per_token(spec) * dtype_bytes(kv_dtype) / kv_split,
         attention_flops_per_pair=arch.attention_flops_per_token_pair(spec) / tp,
+        attention_window_tokens=arch.attention_window_tokens(spec),
+        windowed_fraction=arch.windowed_layer_fraction(spec),
         weight_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s * p.weight_stream_efficiency,
         attention_bandwidth_bytes_per_s=ds.hbm_bandwidth_bytes_per_s
         * p.attention_decode_efficiency,
@@ -147,3 +153,41 @@ def pass_coefficients(
             or c.kv_copy_bytes_per_token or c.decode_batch_buckets
         ))
     return c
+
+
+def context_read_tokens(c: PassCoefficients, context_tokens):
+    """Cached tokens a query over ``C`` context tokens reads (and a sequence keeps) [tokens].
+
+    In full-attention-layer equivalents, ``C - phi * max(C - W, 0)``
+    (:func:`~ttcsim.simulator.architecture.attended_tokens`); ``context_tokens``
+    itself, untouched, for a model without sliding-window layers.
+    """
+    if not np.any(c.windowed_fraction):
+        return context_tokens
+    return arch.attended_tokens(context_tokens, c.attention_window_tokens, c.windowed_fraction)
+
+
+def attention_pairs(c: PassCoefficients, new_tokens, cached_tokens=0.0):
+    """(query, key) pairs of ``new_tokens`` after ``cached_tokens``, sliding layers counted.
+
+    :func:`~ttcsim.simulator.architecture.windowed_causal_pairs`; exactly
+    :func:`~ttcsim.simulator.architecture.causal_pairs` without a window.
+    """
+    if not np.any(c.windowed_fraction):
+        return arch.causal_pairs(new_tokens, cached_tokens)
+    return arch.windowed_causal_pairs(
+        new_tokens, cached_tokens, c.attention_window_tokens, c.windowed_fraction
+    )
+
+
+def kv_cache_tokens(c: PassCoefficients, kv_tokens, sequences):
+    """KV tokens ``sequences`` sequences holding ``kv_tokens`` in all keep, windows counted.
+
+    A sliding layer keeps at most ``W`` tokens per sequence, so the cache in
+    full-layer equivalents is ``K - phi * max(K - n W, 0)`` (exact for equal
+    sequences, an upper bound otherwise); ``kv_tokens`` untouched without a window.
+    """
+    if not np.any(c.windowed_fraction):
+        return kv_tokens
+    window = np.asarray(sequences, dtype=float) * c.attention_window_tokens
+    return arch.attended_tokens(kv_tokens, window, c.windowed_fraction)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.coefficients import PassCoefficients, context_read_tokens
 from ttcsim.simulator.roofline import (
     attention_time_per_pair_s,
     exposed_host_time_s,
@@ -144,6 +144,12 @@ def segment_cost(
     KV traffic is ``x_k - (b - groups) * P_shared`` tokens; the attention time
     still covers every read.  ``groups=None`` means no sharing.
 
+    Sliding-window layers (share ``phi``, window ``W``): a step reads
+    ``x_k = b * (C_k - phi * max(C_k - W, 0))``, ``C_k = P + s + k``, which is
+    affine in ``k`` on each side of the step where the window fills, so each
+    segment is split there and both parts summed in closed form
+    (:func:`_windowed_totals`).
+
     Returns ``(time_s, dynamic_energy_j, energy_j)`` arrays; energies summed over GPUs.
     """
     g_in = batch if groups is None else groups
@@ -155,9 +161,49 @@ def segment_cost(
     )
     shape = b.shape
     b, ctx0, n, p_sh, g = (v.reshape(-1) for v in (b, ctx0, n, p_sh, g))
-    x0 = b * ctx0
-    dx = b
-    l2_hits = np.maximum(b - g, 0.0) * p_sh  # shared-prefix reads served by L2
+    # shared-prefix reads served by L2 (sliding layers: the prefix as the window keeps it)
+    l2_hits = np.maximum(b - g, 0.0) * context_read_tokens(c, p_sh)
+    if np.any(c.windowed_fraction):
+        time, e_dyn = _windowed_totals(c, b, ctx0, n, l2_hits)
+    else:
+        time, e_dyn = _segment_totals(c, b, b * ctx0, b, n, l2_hits)
+    active = (b > 0) & (n > 0)
+    time = np.where(active, time, 0.0).reshape(shape)
+    e_dyn = np.where(active, e_dyn, 0.0).reshape(shape)
+    return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
+
+
+def _windowed_totals(c: PassCoefficients, b, ctx0, n, l2_hits):
+    """:func:`_segment_totals` of segments whose reads saturate in sliding layers.
+
+    Steps ``k < n_1 = clip(floor(W - C_0) + 1, 0, n)`` read the whole context
+    (``x = b C_k``); the rest read ``x = b ((1 - phi) C_k + phi W)``, slope
+    ``b (1 - phi)``.  Shared-prefix L2 hits count the prefix as the window keeps
+    it, ``attended(P_shared)`` per sample (an upper bound late in long decodes).
+    """
+    w, phi = c.attention_window_tokens, c.windowed_fraction
+    n1 = np.clip(np.floor(w - ctx0) + 1.0, 0.0, n)
+    ctx1 = ctx0 + n1
+    both = (
+        np.concatenate(v)
+        for v in (
+            (b, b),
+            (b * ctx0, b * ((1.0 - phi) * ctx1 + phi * w)),
+            (b, b * (1.0 - phi)),
+            (n1, n - n1),
+            (l2_hits, l2_hits),
+        )
+    )
+    time, e_dyn = _segment_totals(c, *both)
+    m = b.size
+    return time[:m] + time[m:], e_dyn[:m] + e_dyn[m:]
+
+
+def _segment_totals(c: PassCoefficients, b, x0, dx, n, l2_hits):
+    """Per-GPU ``(time_s, dynamic_energy_j)`` of ``n`` steps reading ``x0 + k * dx`` tokens.
+
+    The closed form and power-limit split of :func:`segment_cost`; flat arrays.
+    """
     t0, a, e0, e1 = step_coefficients(c, b, l2_hits)
     sum_k = n * (n - 1.0) / 2.0
     time = n * (t0 + a * x0) + a * dx * sum_k
@@ -174,11 +220,11 @@ def segment_cost(
         # is summed in closed form, the throttled part (smooth, not affine in x) by
         # Simpson's rule over its first, middle and last step.
         seg = np.nonzero(hot)[0]
-        nn, xx0, bb = n[seg], x0[seg], b[seg]
+        nn, xx0, bb, dxx = n[seg], x0[seg], b[seg], dx[seg]
         head = c.power_limit_w - c.static_power_w
         with np.errstate(divide="ignore", invalid="ignore"):
             x_star = (head * t0[seg] - e0[seg]) / (e1 - head * a[seg])
-            k_star = np.clip(np.ceil((x_star - xx0) / bb), 0.0, nn)
+            k_star = np.clip(np.ceil((x_star - xx0) / dxx), 0.0, nn)
         rising = p_first[seg] <= c.power_limit_w
         falling = ~rising & (p_last[seg] <= c.power_limit_w)
         # throttled steps [k_lo, k_hi); free steps are the rest of [0, n)
@@ -186,18 +232,16 @@ def segment_cost(
         k_hi = np.where(falling, k_star, nn)
         k_lo = np.where(~rising & ~falling, 0.0, k_lo)
         m = np.maximum(k_hi - k_lo, 0.0)
-        free_t = time[seg] - _affine_sum(t0[seg] + a[seg] * xx0, a[seg] * bb, k_lo, k_hi)
-        free_e = e_dyn[seg] - _affine_sum(e0[seg] + e1 * xx0, e1 * bb, k_lo, k_hi)
+        free_t = time[seg] - _affine_sum(t0[seg] + a[seg] * xx0, a[seg] * dxx, k_lo, k_hi)
+        free_e = e_dyn[seg] - _affine_sum(e0[seg] + e1 * xx0, e1 * dxx, k_lo, k_hi)
         k = np.stack([k_lo, k_lo + (m - 1.0) / 2.0, k_lo + m - 1.0])
         b3 = np.broadcast_to(bb, k.shape)
-        x = xx0 + k * bb
+        x = xx0 + k * dxx
         cost = forward_pass(c, b3, x, x, kv_hbm_tokens=x - l2_hits[seg])
         weights = np.array([1.0, 4.0, 1.0])[:, None] / 6.0
         time[seg] = free_t + m * (weights * cost.time_s).sum(axis=0)
         e_dyn[seg] = free_e + m * (weights * cost.dynamic_energy_j).sum(axis=0) / c.n_gpus
-    time = np.where(active, time, 0.0).reshape(shape)
-    e_dyn = np.where(active, e_dyn, 0.0).reshape(shape)
-    return time, c.n_gpus * e_dyn, c.n_gpus * (c.static_power_w * time + e_dyn)
+    return time, e_dyn
 
 
 def _segments(prompt_tokens: float, output_tokens, samples: int, shared: bool):

@@ -69,7 +69,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.coefficients import PassCoefficients, context_read_tokens
 from ttcsim.simulator.decode import DecodeCost, step_coefficients
 from ttcsim.simulator.roofline import forward_pass
 
@@ -439,12 +439,14 @@ def _hot_pairs(c: PassCoefficients, m: BatchMeasure, coef, prompts: np.ndarray):
     above = np.min(limit[neg] - m.last_step[neg], initial=np.inf)
     slack = 1e-6 * (np.abs(prompts) + 1.0)
     cand = np.flatnonzero(always | (prompts < below + slack) | (prompts > above - slack))
+    if np.any(c.windowed_fraction):  # thresholds are on the attended context: check all
+        cand = np.arange(prompts.size)
     if cand.size == 0:
         return cand, cand
     p = prompts[cand][:, None]
     hot = np.zeros((cand.size, m.batch.size), dtype=bool)
     for s_end in (m.first_step, m.last_step):
-        ctx = p + s_end[None, :]
+        ctx = context_read_tokens(c, p + s_end[None, :])
         hot |= e0 + e1_b * ctx > head * (t0 + a_b * ctx)
     rows, bands = np.nonzero(np.logical_or.reduceat(hot, m.band_start, axis=1))
     return cand[rows], bands
@@ -480,17 +482,20 @@ def expected_decode_totals(
     dyn1 = float((e1_b * m.mass).sum())
     dyn1_shared = dyn1 - kv_j * float(m.l2_hits.sum())
     dyn = dyn0 + prompts * np.where(shared, dyn1_shared, dyn1)
+    if np.any(c.windowed_fraction) and m.batch.size:
+        time, q_time, dyn = _window_correction(c, exp, prompts, shared, (time, q_time, dyn))
     rows, bands = _hot_pairs(c, m, coef, prompts) if m.batch.size else ([], [])
     if len(rows):
         pk = prompts[rows][:, None]
         bk, sk, w = m.node_batch[bands], m.node_steps[bands], m.node_weights[bands]
         hk = m.node_l2_hits[bands] * shared[rows][:, None]
-        ctx = bk * (pk + sk)
-        cost = forward_pass(c, bk, ctx, ctx, kv_hbm_tokens=ctx - hk * pk)
+        read, pk_read = context_read_tokens(c, pk + sk), context_read_tokens(c, pk)
+        ctx = bk * read
+        cost = forward_pass(c, bk, ctx, ctx, kv_hbm_tokens=ctx - hk * pk_read)
         nt0, na_b, ne0, ne1_b = _step_coefficients(c, bk)
-        extra_t = w * (cost.time_s - (nt0 + na_b * (pk + sk)))
+        extra_t = w * (cost.time_s - (nt0 + na_b * read))
         extra_d = w * (
-            cost.dynamic_energy_j / c.n_gpus - (ne0 + ne1_b * (pk + sk) - kv_j * pk * hk)
+            cost.dynamic_energy_j / c.n_gpus - (ne0 + ne1_b * read - kv_j * pk_read * hk)
         )
         n_p = prompts.size
         time = time + np.bincount(rows, extra_t.sum(axis=1), minlength=n_p)
@@ -500,6 +505,29 @@ def expected_decode_totals(
     dyn = c.n_gpus * dyn
     energy = c.n_gpus * c.static_power_w * time + dyn
     return time, dyn, energy, q_time
+
+
+def _window_correction(c: PassCoefficients, exp: DecodeExpectation, prompts, shared, totals):
+    """Take the reads sliding-window layers skip off the full-context totals (per GPU).
+
+    Step ``s`` of a prompt ``P`` reads ``phi * max(P + s - W, 0)`` fewer tokens
+    per sequence; its expectation over the step measure is not affine in ``P``,
+    so it is summed over every band's Gauss nodes (as the power-limit
+    correction is): ``sum_nodes w * (a b, e1 b) * phi * max(P + s - W, 0)``.
+    The shared-prefix L2 credit shrinks by ``kv_j * H * (P - attended(P))``.
+    """
+    time, q_time, dyn = totals
+    m = exp.measure
+    bk, sk, w = m.node_batch, m.node_steps, m.node_weights
+    _, na_b, _, ne1_b = _step_coefficients(c, bk)
+    p = prompts[:, None, None]
+    skipped = w * ((p + sk) - context_read_tokens(c, p + sk))  # (prompts, bands, nodes)
+    time = time - (skipped * na_b).sum(axis=(1, 2))
+    q_time = q_time - (skipped * (exp.node_query_share * na_b)).sum(axis=(1, 2))
+    kv_j = c.energy_per_byte_j * c.kv_bytes_per_token
+    credit = kv_j * float(m.l2_hits.sum()) * (prompts - context_read_tokens(c, prompts))
+    dyn = dyn - (skipped * ne1_b).sum(axis=(1, 2)) + np.where(shared, credit, 0.0)
+    return time, q_time, dyn
 
 
 def expected_decode(
@@ -567,10 +595,10 @@ def reference_decode_totals(
     def priced(m: int, weight):
         b = np.arange(m + 1, dtype=float)[None, :]
         pmf = stats.binom.pmf(b, m, g.survival[:, None]) * weight[:, None]
-        ctx = b * (prompt_tokens + g.steps[:, None])
+        ctx = b * context_read_tokens(c, prompt_tokens + g.steps[:, None])
         hbm = ctx
         if shared_prefix and per > 1:
-            hbm = ctx - np.maximum(b - groups[:, None], 0.0) * prompt_tokens
+            hbm = ctx - np.maximum(b - groups[:, None], 0.0) * context_read_tokens(c, prompt_tokens)
         cost = forward_pass(c, np.broadcast_to(b, ctx.shape), ctx, ctx, kv_hbm_tokens=hbm)
         return b, pmf, cost
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from ttcsim.distributions import LengthDistribution, LengthList
 from ttcsim.errors import TtcsimError
-from ttcsim.simulator import architecture as arch
-from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.coefficients import PassCoefficients, attention_pairs, context_read_tokens
 from ttcsim.simulator.decode import (
     decode_draws,
     decode_time_per_query_s,
@@ -102,8 +101,8 @@ def prefill_phase(
     cost = forward_pass(
         c,
         tokens,
-        n_prompts * cached_tokens,
-        n_prompts * arch.causal_pairs(new_tokens, cached_tokens),
+        n_prompts * context_read_tokens(c, cached_tokens),
+        n_prompts * attention_pairs(c, new_tokens, cached_tokens),
         sequences=n_prompts,
         prefill=True,
     )
@@ -132,8 +131,8 @@ def _split_prefill(c: PassCoefficients, n_prompts, new_tokens, cached_tokens, na
     cost = forward_pass(
         c,
         n_prompts * new_tokens / m,
-        n_prompts * cached_tokens / m,
-        n_prompts * arch.causal_pairs(new_tokens, cached_tokens) / m,
+        n_prompts * context_read_tokens(c, cached_tokens) / m,
+        n_prompts * attention_pairs(c, new_tokens, cached_tokens) / m,
         sequences=n_prompts / m,
         prefill=True,
     )
@@ -161,8 +160,8 @@ def decode_peak_power_w(c: PassCoefficients, n_sequences, prompt_tokens, shortes
         *(np.asarray(v, dtype=float) for v in (n_sequences, prompt_tokens, shortest, longest))
     )
     b = np.stack([n, n, np.minimum(n, 1.0)])
-    ctx = b * (
-        p + np.stack([np.ones_like(lo), np.maximum(lo - 1.0, 1.0), np.maximum(hi - 1.0, 1.0)])
+    ctx = b * context_read_tokens(
+        c, p + np.stack([np.ones_like(lo), np.maximum(lo - 1.0, 1.0), np.maximum(hi - 1.0, 1.0)])
     )
     cost = forward_pass(c, b, ctx, ctx)
     return average_power_w(cost.energy_j, cost.time_s).max(axis=0)
@@ -310,14 +309,14 @@ def score_phase(
     n = n_queries * candidates
     if isinstance(lengths, Draws):
         seq = prompt_tokens + lengths.values
-        tokens, pairs = seq.sum(axis=1), (seq * (seq + 1) / 2).sum(axis=1)
+        tokens, pairs = seq.sum(axis=1), attention_pairs(c, seq).sum(axis=1)
     elif isinstance(lengths, LengthList) or getattr(lengths, "is_fixed", False):
         if isinstance(lengths, LengthList):
             seq = prompt_tokens + _expand(lengths, n_queries, candidates, "--output-tokens")
-            tokens, pairs = seq.sum(), (seq * (seq + 1) / 2).sum()
-        else:  # n equal candidates
+            tokens, pairs = seq.sum(), attention_pairs(c, seq).sum()
+        else:  # n equal candidates: n * v, as the sweep sums them
             seq = prompt_tokens + float(lengths.tokens)
-            tokens, pairs = n * seq, n * (seq * (seq + 1) / 2)
+            tokens, pairs = n * seq, n * float(attention_pairs(c, seq))
     else:
         m1, m2 = lengths.mean(), lengths.second_moment()
         p = prompt_tokens
@@ -547,8 +546,8 @@ def prefill_matrix_phase(
     cost = forward_pass(
         c,
         tokens,
-        cached.sum(axis=1),
-        arch.causal_pairs(new, cached).sum(axis=1),
+        context_read_tokens(c, cached).sum(axis=1),
+        attention_pairs(c, new, cached).sum(axis=1),
         sequences=(new > 0).sum(axis=1),
         prefill=True,
     )
@@ -727,7 +726,10 @@ def stepwise_score_phase(
             cached = np.zeros_like(new)
         tokens = new.sum(axis=2)
         cost = forward_pass(
-            rm, tokens, cached.sum(axis=2), arch.causal_pairs(new, cached).sum(axis=2)
+            rm,
+            tokens,
+            context_read_tokens(rm, cached).sum(axis=2),
+            attention_pairs(rm, new, cached).sum(axis=2),
         )
         time[lo:hi] = cost.time_s.sum(axis=1)
         e_dyn[lo:hi] = cost.dynamic_energy_j.sum(axis=1)
