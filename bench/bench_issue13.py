@@ -17,8 +17,9 @@ Measures:
   (``percentiles=True`` minus ``False``) at concurrency 1 and 64.
 * ``cold``: ``python -m ttcsim.cli predict ...`` (fixed and lognormal lengths)
   and ``python -c pass``: wall time and the process's CPU time.
-* ``plan``: ``ttcsim plan --hw h100,h200,a100 --model 8b --strategy vote5`` with
-  lognormal lengths at 3 loads (``--qps`` 5, 20, 80), one run per load.
+* ``plan``: ``ttcsim plan --hw H --model 8b --strategy vote5`` with lognormal
+  lengths, for H in h100, h200, a100 (one process each: older trees crash on
+  ``--hw h200,a100``, issue 16) at 3 loads (``--qps`` 5, 20, 80), and their sum.
 * ``sweep``: ``bench/bench_sweep.py --case fixed-eval`` and ``dist-eval`` of the
   tree itself (1,048,576 scenarios each), scenarios per second.
 """
@@ -139,19 +140,20 @@ def main() -> None:
         cpu_all = {name: 0.0 for name in trees}
         wall_all = {name: 0.0 for name in trees}
         for qps in ("5", "20", "80"):
-            for name, path in trees.items():
-                argv = [py, "-m", "ttcsim.cli", "plan", "--hw", "h100,h200,a100", "--model",
-                        "8b", "--strategy", "vote5", "--qps", qps, "--output-tokens",
-                        LOGNORMAL, "--slo-ttft-p90-ms", "2000", "--slo-tpot-p90-ms", "50",
-                        "--slo-e2e-p90-s", "60"]
-                wall, cpu, out = _child_run(argv, path)
-                failed = out.startswith("FAILED")
-                cpu_all[name] += float("nan") if failed else cpu
-                wall_all[name] += float("nan") if failed else wall
-                rows.append((f"plan --hw h100,h200,a100 --qps {qps}", "s CPU",
-                             {name: float("nan") if failed else cpu}))
-        rows.append(("plan, the 3 loads together", "s CPU", cpu_all))
-        rows.append(("plan, the 3 loads together", "s wall", wall_all))
+            for hw in ("h100", "h200", "a100"):
+                for name, path in trees.items():
+                    argv = [py, "-m", "ttcsim.cli", "plan", "--hw", hw, "--model", "8b",
+                            "--strategy", "vote5", "--qps", qps, "--output-tokens", LOGNORMAL,
+                            "--slo-ttft-p90-ms", "2000", "--slo-tpot-p90-ms", "50",
+                            "--slo-e2e-p90-s", "60"]
+                    wall, cpu, out = _child_run(argv, path)
+                    bad = out.startswith("FAILED")
+                    cpu_all[name] += float("nan") if bad else cpu
+                    wall_all[name] += float("nan") if bad else wall
+                    rows.append((f"plan --hw {hw} --qps {qps} (tp 1,2,4,8)", "s CPU",
+                                 {name: float("nan") if bad else cpu}))
+        rows.append(("plan, 3 GPUs x 3 loads together", "s CPU", cpu_all))
+        rows.append(("plan, 3 GPUs x 3 loads together", "s wall", wall_all))
 
     if "sweep" not in args.skip:
         for case in ("fixed-eval", "dist-eval"):
