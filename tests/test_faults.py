@@ -134,7 +134,7 @@ def test_missing_library_or_driver_is_a_clear_message(monkeypatch, fake):
     ok, why = nvml_status()
     assert not ok and "init" in why
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    with pytest.raises(GpuUnavailableError, match="pip install nvidia-ml-py"):
+    with pytest.raises(GpuUnavailableError, match=r"missing: nvidia-ml-py.*ttcsim\[gpu\]"):
         NvmlDevice(0)
 
 

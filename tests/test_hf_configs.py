@@ -402,3 +402,38 @@ def test_kv_memory_with_a_window_by_hand():
     need0 = memory_needed_bytes(PROFILE, _no_window(GEMMA2), c0, 6000, 2000, 8, 1, False)
     assert need0 - need == pytest.approx(8 * (8000 - 4096) * per_token / 2, rel=1e-12)
     assert np.isfinite(need)
+
+
+def test_static_padded_and_steady_state_read_the_window():
+    """Engine paths: long contexts cost less with Gemma-2's sliding half than without it."""
+    from ttcsim.engines.steady import steady_state
+    from ttcsim.simulator.batching import static_padded_expected
+
+    c = pass_coefficients(PROFILE, GEMMA2)
+    c0 = pass_coefficients(PROFILE, _no_window(GEMMA2))
+    survival = parse_lengths("gamma:mean=800,shape=2").survival_steps()
+    windowed, _ = static_padded_expected(c, 4000.0, survival, 4, 4)
+    full, _ = static_padded_expected(c0, 4000.0, survival, 4, 4)
+    assert windowed.energy_j < full.energy_j
+    short, _ = static_padded_expected(c, 100.0, survival[:50], 4, 4)
+    short0, _ = static_padded_expected(c0, 100.0, survival[:50], 4, 4)
+    assert short.energy_j == short0.energy_j  # never past the window: identical
+    kw = dict(prompt_tokens=6000, output_tokens=2000, running_batch=8)
+    windowed = steady_state("h100", GEMMA2, "vllm", **kw)
+    full = steady_state("h100", _no_window(GEMMA2), "vllm", **kw)
+    assert windowed.energy_decode_per_request_j < full.energy_decode_per_request_j
+
+
+def test_cli_predict_takes_a_hub_id():
+    from click.testing import CliRunner
+
+    from ttcsim.cli import main
+
+    result = CliRunner().invoke(
+        main, ["predict", "--model", "google/gemma-2-9b-it", "--prompt-tokens", "5000",
+               "--output-tokens", "500"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "gemma-2-9b" in result.output
+    bad = CliRunner().invoke(main, ["predict", "--model", "google/gemma-7-9b-it"])
+    assert bad.exit_code == 2 and "did you mean" in bad.output

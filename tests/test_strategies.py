@@ -255,7 +255,9 @@ def test_prm_bon_with_one_step_and_no_cache_is_bon():
 
 
 def test_prm_scoring_passes_grow_with_the_number_of_steps():
-    e = [run(strategy=f"prm-bon4:step={t}").energy_score_j for t in (1024, 256, 64, 16)]
+    # from 256-token steps down (1024-token steps: 4096-token passes spill their
+    # activations from the L2, which costs about what three more weight reads do)
+    e = [run(strategy=f"prm-bon4:step={t}").energy_score_j for t in (256, 64, 16)]
     assert all(a < b for a, b in zip(e, e[1:], strict=False))
     off = [run(strategy=f"prm-bon4:step={t}", prefix_cache=False).energy_score_j
            for t in (1024, 256, 64)]

@@ -6,30 +6,52 @@ The Python API mirrors the CLI::
     r = ttcsim.predict(hw="h100", model="8b", strategy="vote5")
     r.energy_j, r.latency_s
 
-``predict`` is imported eagerly (the submodule of the same name would
-otherwise shadow it); matplotlib and scipy load only when used.
+Everything is imported on first use (PEP 562 ``__getattr__``), so ``ttcsim
+--help`` loads neither numpy nor pydantic.  ``ttcsim.predict`` is always the
+function: the submodule of the same name, once imported, would otherwise
+replace it as the package's attribute, so the package's ``__setattr__`` keeps
+the function (``sys.modules["ttcsim.predict"]`` is the module).
 """
 
 from __future__ import annotations
 
-from ttcsim.predict import Prediction, predict
+import sys
+import types
 
 __version__ = "0.1.0"
 
 __all__ = ["predict", "Prediction", "get_profile", "get_model", "parse_strategy"]
 
+_LAZY = {
+    "predict": "ttcsim.predict",
+    "Prediction": "ttcsim.predict",
+    "get_profile": "ttcsim.hardware",
+    "get_model": "ttcsim.models",
+    "parse_strategy": "ttcsim.strategies",
+}
+
+
+class _Package(types.ModuleType):
+    """The ``ttcsim`` module: importing ``ttcsim.predict`` keeps ``ttcsim.predict()``."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "predict" and isinstance(value, types.ModuleType):
+            value = value.predict
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 def __getattr__(name: str):
-    if name == "get_profile":
-        from ttcsim.hardware import get_profile
+    if name in _LAZY:
+        import importlib
 
-        return get_profile
-    if name == "get_model":
-        from ttcsim.models import get_model
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ttcsim' has no attribute {name!r}")
 
-        return get_model
-    if name == "parse_strategy":
-        from ttcsim.strategies import parse_strategy
 
-        return parse_strategy
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

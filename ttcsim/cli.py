@@ -2,16 +2,21 @@
 
 Commands parse options, call one API function and format its result.  Every
 :class:`~ttcsim.errors.TtcsimError` becomes a one-line ``error: ...`` on
-stderr with exit code 2.
+stderr with exit code 2; any other exception is a bug in ttcsim and becomes
+``error: internal error: ...`` with exit code 1 (the traceback with
+``--verbose``).  Exit codes are listed in docs/ERRORS.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -24,6 +29,41 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Exit codes (docs/ERRORS.md): bad input, and a bug in ttcsim.
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+#: ``plan`` ran, but no option meets the targets (memory, SLO or power).
+EXIT_INFEASIBLE = 3
+
+
+def _root_flag(name: str) -> bool:
+    """A global flag (``--quiet``, ``--verbose``) of the running command line."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get(name))
+
+
+def quiet() -> bool:
+    """Whether ``ttcsim --quiet`` was given (no progress bars, notes or hints)."""
+    return _root_flag("quiet")
+
+
+def verbose() -> bool:
+    """Whether ``ttcsim --verbose`` was given (tracebacks and extra detail)."""
+    return _root_flag("verbose")
+
+
+def note(text: str, err: bool = False, indent: str = "  ") -> None:
+    """Print ``note: text`` unless ``--quiet``."""
+    if not quiet():
+        click.echo(f"{indent}note: {text}", err=err)
+
+
+def _report_error(exc: TtcsimError) -> None:
+    if verbose():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    click.echo(f"error: {_one_line(exc)}", err=True)
+
+
 def _friendly(fn):
     """Turn ttcsim errors into one-line messages with exit code 2."""
 
@@ -32,8 +72,8 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TtcsimError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            sys.exit(2)
+            _report_error(exc)
+            sys.exit(EXIT_BAD_INPUT)
 
     return wrapper
 
@@ -69,8 +109,68 @@ def _one_line_usage_errors():
         raise _OneLineUsageError(text) from None
 
 
+def _refuse_repeated_options(group: click.Group, ctx: click.Context, args: list[str]) -> None:
+    """A single-valued option given twice with different values is an error.
+
+    Click would silently keep the last value (``predict --strategy vote5
+    --strategy bon4`` priced bon4 alone).
+
+    ``args`` are the words after the group's own options: a subcommand (or a
+    group and its subcommand) and its arguments.  Options declared
+    ``multiple=True`` may repeat.
+    """
+    words = list(args)
+    cmd: click.Command | None = group
+    while isinstance(cmd, click.Group) and words:
+        name = next((w for w in words if not w.startswith("-")), None)
+        if name is None:
+            return
+        words = words[words.index(name) + 1 :]
+        cmd = cmd.get_command(ctx, name)
+    if cmd is None:
+        return
+    by_opt: dict[str, click.Option] = {}
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            for opt in (*param.opts, *param.secondary_opts):
+                by_opt[opt] = param
+    seen: dict[str, list[str]] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            break
+        opt, eq, value = word.partition("=")
+        param = by_opt.get(opt)
+        if param is None:
+            continue
+        takes_value = not param.is_flag and not param.count
+        if takes_value and not eq:
+            value = words[i] if i < len(words) else ""
+            i += 1
+        if param.multiple or param.count:
+            continue
+        shown = param.opts[0] if param.opts else opt
+        seen.setdefault(shown, []).append(value if takes_value else opt)
+        if len(set(seen[shown])) > 1:  # the same value twice is harmless
+            given = ", ".join(seen[shown])
+            hint = ""
+            if cmd.name == "predict" and shown == "--strategy":
+                hint = "; to compare strategies use `ttcsim metrics --strategy A --strategy B`"
+            raise _OneLineUsageError(
+                f"{shown}: given {len(seen[shown])} different values ({given}); it takes "
+                f"one{hint}"
+            )
+
+
 class _Main(click.Group):
-    """The root group: click's own usage errors also become one ``error:`` line."""
+    """The root group: click's own usage errors also become one ``error:`` line.
+
+    Every other exception from a command ends the same way: a
+    :class:`~ttcsim.errors.TtcsimError` (bad input) with exit code 2, anything
+    else (a bug) with ``error: internal error: ...`` and exit code 1.
+    """
 
     def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102
         with _one_line_usage_errors():
@@ -78,7 +178,38 @@ class _Main(click.Group):
 
     def invoke(self, ctx):  # noqa: D102
         with _one_line_usage_errors():
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # click 8.2+ deprecates protected_args (9.0: in args)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                words = [*getattr(ctx, "protected_args", ()), *ctx.args]
+            _refuse_repeated_options(self, ctx, words)
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+                raise
+            except TtcsimError as exc:
+                _report_error(exc)
+                ctx.exit(EXIT_BAD_INPUT)
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # output piped into `head`: click's own handling
+                    raise
+                _internal_error(ctx, exc)
+            except Exception as exc:  # noqa: BLE001 - the last line of defence
+                _internal_error(ctx, exc)
+
+
+def _internal_error(ctx: click.Context, exc: BaseException) -> None:
+    """``error: internal error: ...`` (traceback with ``--verbose``) and exit code 1."""
+    if ctx.params.get("verbose"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        hint = "please report it with the traceback above"
+    else:
+        hint = "rerun with --verbose for the traceback and please report it"
+    click.echo(
+        f"error: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+        f"(a bug in ttcsim; {hint})",
+        err=True,
+    )
+    ctx.exit(EXIT_INTERNAL)
 
 
 def _fmt_energy(j: float) -> str:
@@ -96,8 +227,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttcsim")
-def main() -> None:
-    """ttcsim: what an LLM query costs in energy, before you run it."""
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or hints; results and errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors, and extra detail.")
+def main(quiet: bool, verbose: bool) -> None:
+    """ttcsim: what an LLM query costs in energy, before you run it.
+
+    Shell completion: put eval "$(_TTCSIM_COMPLETE=bash_source ttcsim)" in ~/.bashrc
+    (zsh_source in ~/.zshrc; fish: _TTCSIM_COMPLETE=fish_source ttcsim | source).
+    """
 
 
 @main.command()
@@ -119,7 +256,7 @@ def main() -> None:
 @click.option("--percentiles", "percentiles", type=click.Choice(["on", "off"]), default="on", show_default=True, help="Monte-Carlo p50/p90/p99 of random workloads (off skips their draws).")
 @click.option("--engine", default=None, help="Engine profile: reference (default), hf-transformers, vllm, or a YAML path (see `ttcsim engines list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a histogram PNG of per-query energy (random lengths).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a PNG: the query's power timeline (phases, power limit); with random lengths also the histogram of energy per query (p50, p90).")
 @_friendly
 def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> None:
     """Predict joules, latency and power of one query."""
@@ -127,9 +264,9 @@ def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> Non
 
     r = run_predict(percentiles=percentiles == "on", **kw)
     if plot_path:
-        from ttcsim.metrics import write_energy_histogram
+        from ttcsim.plot_power import plot_prediction
 
-        write_energy_histogram(plot_path, **kw)
+        plot_prediction(plot_path, **kw)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
@@ -150,7 +287,8 @@ def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> Non
         ("latency", f"{r.latency_s:.3f} s  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
         ("output tokens", f"{r.output_tokens:.0f}  ({r.j_per_output_token:.3f} J/token)"),
         ("power", f"avg {r.avg_power_w:.0f} W, peak {r.peak_power_w:.0f} W"
-         + ("  (power-limited)" if r.power_limited else "")),
+         + (f"  (power-limited in {', '.join(r.power_limited_phases)})"
+            if r.power_limited_phases else "")),
     ]
     if r.energy_j_p50 is not None:
         rows.append(("energy p50 / p90 / p99", " / ".join(
@@ -162,10 +300,12 @@ def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> Non
         rows.append(("CO2", f"{r.co2_g:.3f} g"))
     if r.usd is not None:
         rows.append(("cost", f"${r.usd:.6f}"))
-    click.echo(head)
+    from ttcsim.console import wrap_text
+
+    click.echo(wrap_text(head))
     click.echo(_table(rows))
     if not r.calibrated_profile:
-        click.echo(f"  note: {r.hw} uses datasheet-default parameters (not calibrated)")
+        note(f"{r.hw} uses datasheet-default parameters (not calibrated)")
 
 
 @main.group()
@@ -174,30 +314,51 @@ def hw() -> None:
 
 
 @hw.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def hw_list() -> None:
+def hw_list(as_json: bool) -> None:
     """List the shipped hardware profiles."""
+    from ttcsim.console import render_table
     from ttcsim.hardware import get_profile, list_profiles
 
-    click.echo(f"{'name':<16} {'aliases':<8} {'HBM':>8} {'bf16':>11} {'limit':>6}  parameters")
+    records = []
     for name in list_profiles():
         p = get_profile(name)
         d = p.datasheet
-        click.echo(
-            f"{name:<16} {','.join(p.aliases):<8} {d.hbm_bandwidth_bytes_per_s / 1e12:6.2f}TB/s "
-            f"{d.peak_flops_per_s['bf16'] / 1e12:7.0f}TFLOP/s {d.power_limit_w:5.0f}W  "
-            f"{p.provenance.parameters.status}"
-        )
+        records.append({
+            "name": name,
+            "aliases": list(p.aliases),
+            "memory_capacity_bytes": d.memory_capacity_bytes,
+            "hbm_bandwidth_bytes_per_s": d.hbm_bandwidth_bytes_per_s,
+            "peak_flops_per_s": dict(d.peak_flops_per_s),
+            "power_limit_w": d.power_limit_w,
+            "parameters": p.provenance.parameters.status,
+        })
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(render_table(
+        ["name", "aliases", "HBM TB/s", "bf16 TFLOP/s", "limit W", "parameters"],
+        [[r["name"], ",".join(r["aliases"]), f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}",
+          f"{r['peak_flops_per_s']['bf16'] / 1e12:.0f}", f"{r['power_limit_w']:.0f}",
+          r["parameters"]] for r in records],
+        align="<<>>><",
+    ))
 
 
 @hw.command("show")
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
 @_friendly
-def hw_show(name: str) -> None:
+def hw_show(name: str, as_json: bool) -> None:
     """Print one profile (name, alias or path) as YAML."""
     from ttcsim.hardware import get_profile
 
-    click.echo(get_profile(name).to_yaml())
+    profile = get_profile(name)
+    if as_json:
+        click.echo(json.dumps(profile.model_dump(mode="json"), indent=2))
+        return
+    click.echo(profile.to_yaml())
 
 
 @main.group()
@@ -206,29 +367,59 @@ def models() -> None:
 
 
 @models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def models_list() -> None:
+def models_list(as_json: bool) -> None:
     """List catalog models with their parameter counts."""
+    from ttcsim.console import render_table
     from ttcsim.models import list_models
     from ttcsim.simulator.architecture import active_parameter_count, parameter_count
 
-    click.echo(f"{'name':<28} {'aliases':<6} {'params':>8} {'active':>8} {'layers':>6} {'kv heads':>8}")
-    for m in list_models():
-        click.echo(
-            f"{m.name:<28} {','.join(m.aliases):<6} {parameter_count(m) / 1e9:7.2f}B "
-            f"{active_parameter_count(m) / 1e9:7.2f}B {m.n_layers:>6} {m.n_kv_heads:>8}"
-        )
+    records = [
+        {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "parameters": parameter_count(m),
+            "active_parameters": active_parameter_count(m),
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads,
+        }
+        for m in list_models()
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(render_table(
+        ["name", "aliases", "params", "active", "layers", "heads", "kv heads"],
+        [[r["name"], ",".join(r["aliases"]), f"{r['parameters'] / 1e9:.2f}B",
+          f"{r['active_parameters'] / 1e9:.2f}B", str(r["n_layers"]), str(r["n_heads"]),
+          str(r["n_kv_heads"])] for r in records],
+        align="<<>>>>>",
+    ))
 
 
 @main.command("strategies")
-def strategies_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of text.")
+def strategies_cmd(as_json: bool) -> None:
     """List test-time-compute strategies with their cost formulas."""
+    import textwrap
+
+    from ttcsim.console import TABLE_WIDTH
     from ttcsim.strategies import registry
 
-    for cls in registry().values():
-        click.echo(f"{cls.pattern:<14} {cls.summary}")
-        for line in cls.formula().splitlines():
-            click.echo(f"{'':<16}{line}")
+    records = [
+        {"name": name, "pattern": cls.pattern, "summary": cls.summary, "formula": cls.formula()}
+        for name, cls in registry().items()
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        click.echo(r["pattern"])
+        for line in [r["summary"], *r["formula"].splitlines()]:
+            click.echo(textwrap.fill(line, TABLE_WIDTH, initial_indent="    ",
+                                     subsequent_indent="      ", break_on_hyphens=False))
 
 
 def _resolve_hw_for_runs(hw_opt: str | None, runs):
@@ -275,16 +466,19 @@ def _print_validation(report: dict) -> None:
     engine = report.get("engine", "reference")
     engine = engine if isinstance(engine, str) else ",".join(engine)
     click.echo(f"profile {report['hw']} ({status}), engine {engine}, {len(report['runs'])} runs")
-    click.echo(f"{'run':<44} {'E meas':>10} {'E pred':>10} {'err':>6}  {'t meas':>8} {'t pred':>8} {'err':>6}")
+    from ttcsim.console import render_table
+
+    rows = []
     for r in report["runs"]:
         if r["latency_s"] is not None:
-            t = f"{r['latency_s']:8.3f} {r['latency_s_pred']:8.3f} {r['latency_ape_pct']:5.1f}%"
+            t = [f"{r['latency_s']:.3f}", f"{r['latency_s_pred']:.3f}", f"{r['latency_ape_pct']:.1f}%"]
         elif r.get("tpot_s") is not None:
-            t = f"{r['tpot_s']:8.4f} {r['tpot_s_pred']:8.4f} {r['tpot_ape_pct']:5.1f}% (TPOT)"
+            t = [f"{r['tpot_s']:.4f}", f"{r['tpot_s_pred']:.4f}", f"{r['tpot_ape_pct']:.1f}% (TPOT)"]
         else:
-            t = f"{'-':>8} {'-':>8} {'-':>6}"
-        click.echo(f"{r['id'][:44]:<44} {r['energy_j']:10.1f} {r['energy_j_pred']:10.1f} "
-                   f"{r['energy_ape_pct']:5.1f}%  {t}")
+            t = ["-", "-", "-"]
+        rows.append([r["id"], f"{r['energy_j']:.1f}", f"{r['energy_j_pred']:.1f}",
+                     f"{r['energy_ape_pct']:.1f}%", *t])
+    click.echo(render_table(["run", "E meas J", "E pred J", "err", "t meas s", "t pred s", "err"], rows))
     for key, label in (("energy_ape_pct", "energy"), ("latency_ape_pct", "latency"),
                        ("tpot_ape_pct", "TPOT")):
         s = report["summary"].get(key)
@@ -454,6 +648,7 @@ _COMMAND_MODULES = (
     "ttcsim.commands.tradeoffs",
     "ttcsim.commands.sweep",
     "ttcsim.commands.engines",
+    "ttcsim.commands.importers",
 )
 
 

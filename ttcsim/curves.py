@@ -191,7 +191,11 @@ def operating_curve(
     tps = AUTO_TP if auto else (tp,)
 
     def run(h, mdl, kw):
+        from ttcsim.deployment import tensor_parallel_problem
+
         for i, k in enumerate(tps):
+            if auto and i < len(tps) - 1 and tensor_parallel_problem(mdl, k):
+                continue  # auto: only degrees the model's heads can be split into
             try:
                 return predict(hw=h, model=mdl, tp=k, **kw)
             except DoesNotFitError:

@@ -120,7 +120,8 @@ class ModelParameters(BaseModel):
         ge=0,
         le=1e-9,
         default=5e-12,
-        description="dynamic energy per attention FLOP (softmax on CUDA cores) [J/FLOP]",
+        description="dynamic energy per FLOP of a decode attention pair, one per cached "
+        "key read (prefill pairs cost compute_energy_j_per_flop) [J/FLOP]",
     )
     attention_half_parallelism: float = Field(
         ge=0.0,

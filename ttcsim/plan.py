@@ -35,6 +35,7 @@ answers).  The cheapest option (lowest $/day, then energy) is recommended.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from ttcsim.deployment import dtype_problem, tensor_parallel_problem
 from ttcsim.distributions import LengthDistribution, LengthList, parse_lengths
 from ttcsim.errors import TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
@@ -140,6 +142,8 @@ class PlanOption(BaseModel):
     fits: bool
     slo_met: bool
     reason: str | None = None
+    #: why the option is out: memory, setup (tp, dtype, --max-batch), slo or power
+    cause: str | None = None
     gpus: int | None = None
     replicas: int | None = None
     capacity_qps_per_replica: float | None = None
@@ -217,6 +221,8 @@ class Plan(BaseModel):
     calibrated_profiles: dict[str, bool]
     feasible: bool
     reason: str | None
+    #: why no option is feasible: memory, setup, slo or power (None when feasible)
+    cause: str | None = None
     options: list[PlanOption]
     recommended: PlanOption | None
     curves: list[PlanCurve] = []
@@ -499,9 +505,8 @@ def plan(
     for profile in profiles:
         for k in tps:
             c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, k)
-            reason = None
-            if spec.n_heads % k:
-                reason = f"{spec.n_heads} attention heads do not split {k} ways"
+            reason = dtype_problem(profile, weight_dtype) or tensor_parallel_problem(spec, k)
+            cause = "setup"
             workspace = _workspace_bytes(spec, c, scheduler)
             free = c.memory_capacity_bytes - c.weight_bytes_total - workspace
             kv_cap = max(free, 0.0) / c.kv_bytes_per_token
@@ -510,13 +515,18 @@ def plan(
                     f"weights {c.weight_bytes_total * k / 1e9:.0f} GB + workspace do not fit "
                     f"{k}x {c.memory_capacity_bytes / 1e9:.0f} GB usable"
                 )
+                cause = "memory"
             if reason is None:
                 reason = query_fits(
                     samples, copies * prompt_max + samples * output_max, scheduler, kv_cap
                 )
+                cause = "setup" if samples > scheduler.max_batch else "memory"
             if reason is not None:
                 options.append(
-                    PlanOption(hw=profile.name, tp=k, fits=False, slo_met=False, reason=reason)
+                    PlanOption(
+                        hw=profile.name, tp=k, fits=False, slo_met=False, reason=reason,
+                        cause=cause,
+                    )
                 )
                 continue
 
@@ -670,8 +680,16 @@ def plan(
             floor_e2e_p90_s=floor.get("e2e_s"),
         )
         if replicas[i] is None or i not in op_stats:
+            why = _why(o, floor, targets, capacity[i])
+            phase = _power_bound_phase(
+                o.coefficients, floor, targets, prompt_mean, output_mean, samples, copies
+            )
+            if phase:
+                why += f" (power-limited {phase}: without the limit the floor would meet it)"
             built.append(
-                PlanOption(slo_met=False, reason=_why(o, floor, targets, capacity[i]), **base)
+                PlanOption(
+                    slo_met=False, reason=why, cause="power" if phase else "slo", **base
+                )
             )
             continue
         stats, row = op_stats[i]
@@ -683,10 +701,11 @@ def plan(
     _mark(built)
     good = [b for b in built if b.slo_met]
     recommended = next((b for b in good if b.cheapest), None)
-    reason = None
+    reason = cause = None
     if not good:
+        cause = _plan_cause([b.cause for b in built])
         reasons = [f"{b.hw} tp{b.tp}: {b.reason}" for b in built]
-        reason = "no option meets the SLO; " + "; ".join(reasons)
+        reason = _CAUSE_TEXT[cause] + "; " + "; ".join(reasons)
     plan_curves = []
     if curves:
         plan_curves = [
@@ -729,6 +748,7 @@ def plan(
         calibrated_profiles={p.name: p.calibrated for p in profiles},
         feasible=bool(good),
         reason=reason,
+        cause=cause,
         options=built,
         recommended=recommended,
         curves=plan_curves,
@@ -845,6 +865,60 @@ def _floor(points) -> dict[str, float]:
     """Latency p90s at the lowest simulated load (one query at a time, in effect)."""
     rate, stats, row = _sorted(points)[0]
     return {k: _p(stats, k, row) for k in ("ttft_s", "tpot_s", "e2e_s")}
+
+
+_CAUSE_TEXT = {
+    "memory": "no option fits in GPU memory",
+    "setup": "no option can run (tensor parallelism, dtype or --max-batch)",
+    "slo": "no option meets the SLO",
+    "power": "no option meets the SLO because of the GPUs' power limit",
+}
+_LATENCY_PHASE = {"ttft_s": "prefill", "tpot_s": "decode", "e2e_s": "decode"}
+
+
+def _plan_cause(causes: list[str | None]) -> str:
+    """The plan's cause: of the options that fit, slo unless all are power-bound.
+
+    With none fitting: memory if any is out for memory, else setup.
+    """
+    fitting = [c for c in causes if c in ("slo", "power")]
+    if fitting:
+        return "power" if all(c == "power" for c in fitting) else "slo"
+    return "memory" if "memory" in causes else "setup"
+
+
+def _power_bound_phase(
+    c, floor, targets, prompt_mean, output_mean, samples, copies
+) -> str | None:
+    """The phase whose power limit alone makes a missed target unreachable, if any.
+
+    For each missed p90 target, the single-query floor is scaled by the time
+    ratio ``t(no limit) / t(limit)`` of that target's pass (TTFT: one query's
+    prefill; TPOT and E2E: a decode pass of its ``N`` samples at mid-output
+    context).  If the scaled floor meets the target, the power limit is the
+    cause.  An estimate: it ignores queueing, which the floor excludes anyway.
+    """
+    free = dataclasses.replace(c, power_limit_w=np.inf)
+    p = copies * prompt_mean
+    pairs = copies * prompt_mean * (prompt_mean + 1) / 2
+    ctx = samples * (prompt_mean + output_mean / 2.0)
+    passes = {
+        "prefill": ((p, 0.0, pairs), {"prefill": True}),
+        "decode": ((samples, ctx, ctx), {}),
+    }
+    for name, target in targets:
+        value = floor.get(name)
+        if value is None or value <= target:
+            continue
+        phase = _LATENCY_PHASE[name]
+        args, kw = passes[phase]
+        limited = forward_pass(c, *args, **kw)
+        if not bool(np.any(limited.throttled)):
+            continue
+        ratio = float(forward_pass(free, *args, **kw).time_s) / float(limited.time_s)
+        if value * ratio <= target:
+            return phase
+    return None
 
 
 def _why(o: _Option, floor, targets, capacity) -> str:

@@ -45,6 +45,15 @@ def _log_if_wide(values) -> str:
     return "log" if v.size and v.max() / v.min() >= 10 else "linear"
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2 and 5 per decade, written as plain numbers (2,000, 0.5)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_curve(
     frame, path: str | Path, metrics=("energy_j", "j_per_output_token"), title: str | None = None
 ) -> Path:
@@ -85,7 +94,10 @@ def plot_sweep(frame, path: str | Path, x: str, y: str, color: str) -> Path:
     """``y`` against ``x`` from a sweep table, one line per value of ``color``.
 
     Scenarios that differ in other axes are summarised per ``x``: the line is
-    their median, the band spans min to max.  Rows that do not fit are left out.
+    their median, the band spans the middle half (25th to 75th percentile; a
+    min-to-max band of a large grid covers decades and hides the lines).
+    Lines come in the table's order (the grid's), the legend sits outside the
+    axes, and long category labels wrap.  Rows that do not fit are left out.
     """
     import pandas as pd
 
@@ -101,25 +113,35 @@ def plot_sweep(frame, path: str | Path, x: str, y: str, color: str) -> Path:
         numeric = {v: n for v, n in zip(values, number, strict=True) if n == n}
         labels = sorted(numeric, key=numeric.get) + [v for v in values if v not in numeric]
         ok = ok.assign(**{x: ok[x].astype(str).map({v: i for i, v in enumerate(labels)})})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for key, part in ok.groupby(color, sort=True):
-        stats = part.groupby(x)[y].agg(["median", "min", "max"]).sort_index()
-        ax.plot(stats.index, stats["median"], marker="o", ms=3.5, lw=1.6, label=str(key))
-        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15)
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(9.0, 5.0))
+    for key, part in ok.groupby(color, sort=False):
+        stats = part.groupby(x)[y].quantile([0.25, 0.5, 0.75]).unstack().sort_index()
+        (line,) = ax.plot(stats.index, stats[0.5], marker="o", ms=4, lw=1.8, label=str(key))
+        ax.fill_between(stats.index, stats[0.25], stats[0.75], color=line.get_color(),
+                        alpha=0.12, lw=0)
     if labels is None:
         ax.set_xscale(_log_if_wide(ok[x]))
     else:
-        short = [v if len(v) <= 24 else v[:23] + "…" for v in labels]
-        ax.set_xticks(range(len(labels)), short, rotation=20, ha="right", fontsize=8)
+        wrapped = ["\n".join(textwrap.wrap(v.replace(",", ", "), 22, break_on_hyphens=False))
+                   .replace(", ", ",") for v in labels]
+        ax.set_xticks(range(len(labels)), wrapped, fontsize=8)
     ax.set_yscale(_log_if_wide(ok[y]))
     from matplotlib.ticker import NullFormatter
 
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on log axes
+    for axis, values in ((ax.xaxis, ok[x] if labels is None else None), (ax.yaxis, ok[y])):
+        if values is not None and _log_if_wide(values) == "log":
+            _plain_log_ticks(axis)
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, title=color, title_fontsize=8)
-    ax.set_title(f"ttcsim sweep: {len(ok):,} scenarios (median, band = min to max)")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(fontsize=8, title=color, title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"ttcsim sweep: {len(ok):,} scenarios that fit; line = median over the other "
+                 "axes, band = middle half", fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, path)
 

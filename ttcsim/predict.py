@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ttcsim import metrics as m
+from ttcsim.deployment import check_deployment, tensor_parallel_problem
 from ttcsim.distributions import (
     Fixed,
     LengthDistribution,
@@ -102,6 +103,8 @@ class Prediction(BaseModel):
     avg_power_w: float
     peak_power_w: float
     power_limited: bool
+    #: phases in which the model's power limit lowered the clock (prefill, decode, ...)
+    power_limited_phases: list[str] = Field(default_factory=list)
 
     energy_j_p50: float | None = None
     energy_j_p90: float | None = None
@@ -268,7 +271,7 @@ class _Totals:
     dynamic: object
     ttft: object
     peak: float
-    throttled: bool
+    throttled: tuple  #: names of the phases the power limit slowed (in order)
     energy_by: dict = field(default_factory=dict)  # bucket -> J per query
     time_by: dict = field(default_factory=dict)  # bucket -> batch seconds
     tokens_by: dict = field(default_factory=dict)  # bucket -> processed tokens per query
@@ -301,7 +304,7 @@ class _Totals:
             self.dynamic + o.dynamic,
             self.ttft + o.ttft,
             max(self.peak, o.peak),
-            self.throttled or o.throttled,
+            self.throttled + tuple(n for n in o.throttled if n not in self.throttled),
             add(self.energy_by, o.energy_by),
             add(self.time_by, o.time_by),
             add(self.tokens_by, o.tokens_by),
@@ -377,7 +380,7 @@ def _totals(phases: list[PhaseCost], q: int, c: PassCoefficients) -> _Totals:
         dynamic=dynamic,
         ttft=phases[0].query_time_s,
         peak=float(max(p.peak_power_w for p in phases)),
-        throttled=any(p.throttled for p in phases),
+        throttled=tuple(dict.fromkeys(p.name for p in phases if p.throttled)),
         energy_by=energy_by,
         time_by=time_by,
         tokens_by=tokens_by,
@@ -524,6 +527,7 @@ def _prepare(
     if weight_dtype == "fp32":
         raise TtcsimError("fp32 weights are not an inference dtype here", "--dtype")
     kv_dtype = kv_dtype or ("fp8" if weight_dtype == "fp8" else "bf16")
+    check_deployment(profile, spec, weight_dtype, tp)
     lengths = parse_lengths(output_tokens, "--output-tokens")
     if isinstance(lengths, LengthList):
         _expand(lengths, concurrency, strat.draws_per_query, "--output-tokens")
@@ -561,6 +565,10 @@ def _prepare(
                     where = "--reward-model" if name == reward_model else "--strategy"
                     text = str(exc).removeprefix("--model: ")
                     raise TtcsimError(f"reward model: {text}", where) from None
+                problem = tensor_parallel_problem(rm_spec, tp_k)
+                if problem:
+                    where = "--reward-model" if name == reward_model else "--strategy"
+                    raise TtcsimError(f"reward model: {problem} (--tp {tp_k})", where)
                 reward_cache[key] = _coefficients(
                     profile, rm_spec, weight_dtype, kv_dtype, tp_k, eng
                 )
@@ -590,6 +598,7 @@ def _prepare(
                 k
                 for k in (2, 4, 8, 16, 32, 64)
                 if k > tp
+                and tensor_parallel_problem(spec, k) is None
                 and need_for(k)
                 <= _coefficients(
                     profile, spec, weight_dtype, kv_dtype, k, eng
@@ -803,6 +812,7 @@ def predict(
         avg_power_w=float(energy * q / makespan) if makespan > 0 else 0.0,
         peak_power_w=float(totals.peak),
         power_limited=bool(totals.throttled),
+        power_limited_phases=list(totals.throttled),
         pue=pue,
         energy_facility_j=float(energy * pue),
         co2_g=None if carbon_g_per_kwh is None else float(kwh * carbon_g_per_kwh),

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ttcsim.deployment import dtype_problem, tensor_parallel_problem
 from ttcsim.distributions import LengthList, parse_lengths
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
@@ -612,6 +613,8 @@ class _Group:
     tp: int
     reward_model: str | None
     codes: dict
+    #: why no engine could run this deployment (tp or dtype; ttcsim.deployment)
+    problem: str | None = None
 
 
 @dataclass
@@ -779,7 +782,10 @@ class Sweeper:
             "kv_dtype": self._kv_labels.index(kdt),
             "reward_model": ri,
         }
-        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes)
+        problem = dtype_problem(profile, wdt) or tensor_parallel_problem(spec, tp)
+        if problem is None and rm is not None:
+            problem = tensor_parallel_problem(get_model(rm), tp)
+        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes, problem)
         self._group_cache = (g, group)
         return group
 
@@ -831,6 +837,17 @@ class Sweeper:
         out["prefix_cache"][sl] = prefix
         out["concurrency"][sl] = conc
         out["prompt_tokens"][sl] = prompt_i
+        if group.problem is not None:  # predict() refuses it: status 'invalid', NaN results
+            out["status"][sl] = STATUS.index("invalid")
+            if "invalid" not in self._warned:
+                self._warned.add("invalid")
+                warnings.warn(
+                    f"a scenario cannot run ({group.problem}); such rows get status "
+                    "'invalid' and NaN results",
+                    SlowPathWarning,
+                    stacklevel=3,
+                )
+            return
 
         # memory and context, as in predict (integer products are exact)
         c, spec = group.c, group.spec

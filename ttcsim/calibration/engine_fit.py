@@ -50,6 +50,7 @@ from ttcsim.hardware import CalibrationInfo, HardwareProfile, ModelParameters
 ENGINE_FIT_BOUNDS: dict[str, tuple[float, float]] = {
     "host.step_s": (1e-6, 0.5),
     "host.per_layer_s": (1e-8, 5e-3),
+    "host.per_tp_rank_s": (1e-7, 0.05),
     "host.per_sequence_s": (1e-8, 5e-3),
     "host.prefill_s": (1e-6, 0.5),
     "host.per_prefill_token_s": (1e-10, 5e-4),
@@ -63,7 +64,8 @@ ENGINE_FIT_BOUNDS: dict[str, tuple[float, float]] = {
 }
 #: Starting values for engine parameters a base profile leaves at 0.
 ENGINE_UNSET_START = {
-    "host.step_s": 1e-3, "host.per_layer_s": 1e-5, "host.per_sequence_s": 1e-5,
+    "host.step_s": 1e-3, "host.per_layer_s": 1e-5, "host.per_tp_rank_s": 1e-3,
+    "host.per_sequence_s": 1e-5,
     "host.prefill_s": 1e-3, "host.per_prefill_token_s": 1e-7, "host.gap_power_fraction": 0.5,
     "host.overlap": 0.5, "kv_cache.append_copy_factor": 1.0,
 }

@@ -77,8 +77,10 @@ def _workload_options(fn):
               help="Write a PNG: energy per query and per output token against the axis.")
 @click.option("--metric", "metrics", multiple=True,
               help="Column(s) to plot (default energy_j and j_per_output_token).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @_friendly
-def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, **kw) -> None:
+def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, as_json,
+          **kw) -> None:
     """Operating curve: energy per query along one workload axis."""
     from ttcsim.curves import CURVE_METRICS, operating_curve
     from ttcsim.errors import TtcsimError
@@ -93,31 +95,45 @@ def curve(hw, model, strategies, vary, points, out_path, plot_path, metrics, **k
         from ttcsim.io import atomic_write_text
 
         atomic_write_text(out_path, frame.to_csv(index=False))
-        click.echo(f"wrote {len(frame)} points -> {out_path}")
+        if not as_json:
+            click.echo(f"wrote {len(frame)} points -> {out_path}")
     if plot_path:
         from ttcsim.plotting import plot_curve
 
         plot_curve(frame, plot_path, metrics=tuple(metrics) or ("energy_j", "j_per_output_token"))
-        click.echo(f"plot -> {plot_path}")
-    if not out_path:
+        if not as_json:
+            click.echo(f"plot -> {plot_path}")
+    if as_json:
+        click.echo(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))
+    elif not out_path:
         _print_curve(frame)
     bad = frame[frame["status"] != "ok"]
     if len(bad):
-        click.echo(f"note: {len(bad)} point(s) could not run, e.g. {bad['status'].iloc[0]}",
-                   err=True)
+        from ttcsim.cli import note
+
+        note(f"{len(bad)} point(s) could not run, e.g. {bad['status'].iloc[0]}", err=True,
+             indent="")
 
 
 def _print_curve(frame) -> None:
+    from ttcsim.console import render_table
+
     axis = frame["vary"].iloc[0]
-    w = max(8, *(len(s) for s in frame["strategy"]))
-    click.echo(f"{'hw':<16} {'model':<14} {'strategy':<{w}} {axis:>14} {'J/query':>10} "
-               f"{'J/out tok':>10} {'latency s':>10}")
+    rows = []
+    notes = []
     for r in frame.itertuples():
         if r.status != "ok":
-            click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14}  {r.status}")
+            rows.append([r.hw, r.model, r.strategy, str(r.x), "-", "-", "-"])
+            notes.append(f"{r.hw} {r.model} {r.strategy} at {axis} {r.x}: {r.status}")
             continue
-        click.echo(f"{r.hw:<16} {r.model:<14} {r.strategy:<{w}} {r.x:>14} {r.energy_j:10.1f} "
-                   f"{r.j_per_output_token:10.4f} {r.latency_s:10.2f}")
+        rows.append([r.hw, r.model, r.strategy, str(r.x), f"{r.energy_j:.1f}",
+                     f"{r.j_per_output_token:.4f}", f"{r.latency_s:.2f}"])
+    click.echo(render_table(
+        ["hw", "model", "strategy", axis, "J/query", "J/out tok", "latency s"], rows,
+        align="<<<>>>>", keys=3,
+    ))
+    for text in notes:
+        click.echo(f"  {text}")
 
 
 def _int_option(text: str, where: str) -> int:
@@ -180,28 +196,28 @@ def metrics(hw, model, strategies, seed, draws, percentiles, as_json, csv_path, 
 
 
 def _print_metrics(frame) -> None:
+    from ttcsim.cli import note
+    from ttcsim.console import render_table
+
     r0 = frame.iloc[0]
     click.echo(f"prompt {r0.prompt_tokens:.0f} tokens (mean); energies per query; J/tok = joules "
-               "per token; marginal = one more token per sequence")
-    w = max(8, *(len(s) for s in frame["strategy"]))
-    head = (f"{'hw':<14} {'model':<13} {'strategy':<{w}} {'J/query':>9} {'+-se':>6} {'p90 J':>8} "
-            f"{'J/prompt':>8} {'J/out':>7} {'marg.':>7} {'J/useful':>8} {'out/J':>6} "
-            f"{'lat s':>7}")
-    click.echo(head)
-    for r in frame.itertuples():
-        click.echo(
-            f"{r.hw[:14]:<14} {r.model[:13]:<13} {r.strategy:<{w}} {r.energy_j:9.1f} "
-            f"{_num(r.energy_j_stderr, '6.1f')} {_num(r.energy_j_p90, '8.1f')} "
-            f"{_num(r.j_per_prompt_token, '8.4f')} {_num(r.j_per_output_token, '7.4f')} "
-            f"{_num(r.j_per_output_token_marginal, '7.4f')} {_num(r.j_per_useful_token, '8.3f')} "
-            f"{_num(r.output_tokens_per_j, '6.2f')} {r.latency_s:7.2f}"
-        )
+               "per token;\nmarginal = one more token per sequence")
+    headers = ["hw", "model", "strategy", "J/query", "+-se", "p90 J", "J/prompt", "J/out",
+               "marg.", "J/useful", "out/J", "lat s"]
+    rows = [
+        [r.hw, r.model, r.strategy, f"{r.energy_j:.1f}", _num(r.energy_j_stderr, ".1f"),
+         _num(r.energy_j_p90, ".1f"), _num(r.j_per_prompt_token, ".4f"),
+         _num(r.j_per_output_token, ".4f"), _num(r.j_per_output_token_marginal, ".4f"),
+         _num(r.j_per_useful_token, ".3f"), _num(r.output_tokens_per_j, ".2f"),
+         f"{r.latency_s:.2f}"]
+        for r in frame.itertuples()
+    ]
+    click.echo(render_table(headers, rows, align="<<<" + ">" * 9, keys=3))
     if (frame["expectation"] == "monte-carlo").any():
         click.echo("  +-se: standard error of a Monte-Carlo mean (0: exact expectation)")
     uncalibrated = sorted(set(frame.loc[~frame["calibrated_profile"].astype(bool), "hw"]))
     if uncalibrated:
-        click.echo(f"  note: {', '.join(uncalibrated)} uses datasheet-default parameters "
-                   "(not calibrated)")
+        note(f"{', '.join(uncalibrated)} uses datasheet-default parameters (not calibrated)")
 
 
 COMMANDS = [curve, metrics]

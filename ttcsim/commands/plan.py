@@ -69,41 +69,49 @@ def _slo_text(p) -> str:
 
 
 def _print_plan(p) -> None:
-    click.echo(
+    from ttcsim.console import render_table, wrap_text
+
+    def echo_wrapped(text: str, indent: str = "") -> None:
+        click.echo(wrap_text(text, indent))
+
+    echo_wrapped(
         f"plan: {p.model}, {p.strategy}, {p.qps:g} queries/s ({p.arrivals}), prompt "
         f"{p.prompt_tokens_spec}, output {p.output_tokens_spec} per sample"
     )
-    click.echo(
-        f"  SLO {_slo_text(p)}; max batch {p.max_batch} sequences, {p.chunk_tokens} tokens per "
+    echo_wrapped(
+        f"SLO {_slo_text(p)}; max batch {p.max_batch} sequences, {p.chunk_tokens} tokens per "
         f"pass; ${p.usd_per_gpu_hour:g}/GPU-h, ${p.usd_per_kwh:g}/kWh, "
-        f"{p.carbon_g_per_kwh:g} gCO2/kWh, PUE {p.pue:g}"
+        f"{p.carbon_g_per_kwh:g} gCO2/kWh, PUE {p.pue:g}",
+        "  ",
     )
-    header = "  " + " ".join(
-        f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w, _) in enumerate(_COLUMNS)
-    )
-    click.echo(header)
+    met = [o for o in p.options if o.slo_met]
+    if met:
+        rows = [
+            [f(o) for _, _, f in _COLUMNS]
+            + [("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")]
+            for o in met
+        ]
+        headers = [h for h, _, _ in _COLUMNS] + [""]
+        click.echo(render_table(headers, rows, align="<" + ">" * (len(_COLUMNS) - 1) + "<",
+                                indent="  "))
+    what_by_cause = {
+        "memory": "does not fit",
+        "setup": "cannot run",
+        "slo": "cannot meet the SLO",
+        "power": "cannot meet the SLO",
+    }
     for o in p.options:
         if not o.slo_met:
-            continue
-        cells = [f(o) for _, _, f in _COLUMNS]
-        line = " ".join(
-            f"{c:>{w}}" if i else f"{c:<{w}}"
-            for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS, strict=True))
-        )
-        marks = ("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")
-        click.echo(f"  {line}  {marks}".rstrip())
-    for o in p.options:
-        if not o.slo_met:
-            what = "cannot meet the SLO" if o.fits else "does not fit"
-            click.echo(f"  {o.hw} tp{o.tp}: {what}: {o.reason}")
+            what = what_by_cause.get(o.cause, "cannot meet the SLO" if o.fits else "does not fit")
+            echo_wrapped(f"{o.hw} tp{o.tp}: {what}: {o.reason}", "  ")
     click.echo(
         "  ($ = cheapest, E = lowest energy; kW, kWh and J at the GPUs, costs and CO2 with PUE)"
     )
     r = p.recommended
     if r is None:
-        click.echo(f"infeasible: {p.reason}")
+        echo_wrapped(f"infeasible ({p.cause}): {p.reason}")
     else:
-        click.echo(
+        echo_wrapped(
             f"recommended: {r.gpus}x {r.hw} ({r.replicas} "
             f"{'replica' if r.replicas == 1 else 'replicas'} of tp{r.tp}, "
             f"batch {r.batch:.0f}, utilisation {r.utilization:.0%}): "
@@ -111,13 +119,14 @@ def _print_plan(p) -> None:
             f"{r.j_per_query:,.0f} J ({r.wh_per_query:.3f} Wh) per query, "
             f"{r.co2_tonnes_per_year:.2f} t CO2/year"
         )
-    for note in p.notes:
-        click.echo(f"  note: {note}")
+    from ttcsim.cli import quiet
+
+    notes = list(p.notes)
     uncalibrated = [name for name, cal in p.calibrated_profiles.items() if not cal]
     if uncalibrated:
-        click.echo(
-            f"  note: datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}"
-        )
+        notes.append(f"datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}")
+    for text in notes if not quiet() else ():
+        echo_wrapped(f"note: {text}", "  ")
 
 
 @click.command("plan")
@@ -312,6 +321,12 @@ def plan_cmd(
         _print_plan(result)
         if plot_path:
             click.echo(f"  plot: {plot_path}")
+    if not result.feasible:  # a result, but scripts must be able to tell (docs/ERRORS.md)
+        from ttcsim.cli import EXIT_INFEASIBLE
+
+        first = result.reason.split("; ")[0]
+        click.echo(f"error: infeasible ({result.cause}): {first}", err=True)
+        raise SystemExit(EXIT_INFEASIBLE)
 
 
 COMMANDS = [plan_cmd]

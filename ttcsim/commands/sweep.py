@@ -46,38 +46,59 @@ def _friendly(fn):
               help="Column on the y axis of --plot.")
 @click.option("--color", "color_col", default="strategy", show_default=True,
               help="Column whose values get one line each in --plot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_friendly
 def sweep_cmd(grid_path, out_path, fmt, chunk_rows, progress, dry_run, force, plot_path,
-              x_col, y_col, color_col) -> None:
+              x_col, y_col, color_col, as_json) -> None:
     """Evaluate every combination of a grid of scenarios (docs/SWEEP.md) into one table."""
+    import json
+
+    from ttcsim.cli import note, quiet
     from ttcsim.sweep import DEFAULT_CHUNK_ROWS, SlowPathWarning, load_grid, write_sweep
 
     grid = load_grid(grid_path)
-    click.echo(
-        f"{grid.n_scenarios:,} scenarios in {grid.n_groups:,} deployments "
-        f"({grid.rows_per_group:,} each)",
-        err=True,
-    )
+    size = {"scenarios": grid.n_scenarios, "deployments": grid.n_groups,
+            "scenarios_per_deployment": grid.rows_per_group}
+    if dry_run and as_json:
+        click.echo(json.dumps(size, indent=2))
+        return
+    if not quiet():
+        click.echo(
+            f"{grid.n_scenarios:,} scenarios in {grid.n_groups:,} deployments "
+            f"({grid.rows_per_group:,} each)",
+            err=True,
+        )
     if dry_run:
         return
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stderr.isatty() and not quiet()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SlowPathWarning)
         report = write_sweep(grid, out_path, fmt, chunk_rows or DEFAULT_CHUNK_ROWS, progress,
                              overwrite=force)
-    for w in caught:
-        click.echo(f"note: {w.message}", err=True)
+    notes = [str(w.message) for w in caught]
+    plot = None
+    if plot_path:
+        from ttcsim.sweep import plot_table
+
+        plot = str(plot_table(report.path, plot_path, x_col, y_col, color_col))
+    if as_json:
+        click.echo(json.dumps({
+            **size, "path": str(report.path), "format": report.format, "rows": report.rows,
+            "fitting_rows": report.fitting_rows, "slow_rows": report.slow_rows,
+            "seconds": report.seconds, "plot": plot, "notes": notes,
+        }, indent=2))
+        return
+    for text in notes:
+        note(text, err=True, indent="")
     click.echo(
         f"wrote {report.rows:,} rows ({report.fitting_rows:,} fit) to {report.path} "
         f"[{report.format}] in {report.seconds:.2f} s ({report.scenarios_per_s:,.0f} scenarios/s)"
     )
     if report.slow_rows:
         click.echo(f"  {report.slow_rows:,} scenarios took the slow path (predict() per scenario)")
-    if plot_path:
-        from ttcsim.sweep import plot_table
-
-        click.echo(f"plot -> {plot_table(report.path, plot_path, x_col, y_col, color_col)}")
+    if plot:
+        click.echo(f"plot -> {plot}")
 
 
 COMMANDS = [sweep_cmd]

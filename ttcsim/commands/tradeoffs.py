@@ -51,8 +51,10 @@ def _header(result, what: str) -> None:
     status = "calibrated" if result.calibrated_profile else "datasheet-default"
     click.echo(f"{what} -- table {result.table}, {result.hw} ({status} profile)")
     if result.example:
-        click.echo(
-            "  note: example table transcribed from papers; lengths are assumptions "
+        from ttcsim.cli import note
+
+        note(
+            "example table transcribed from papers; lengths are assumptions "
             "(see docs/ACCURACY.md)"
         )
 

@@ -6,7 +6,7 @@ has, from the hardware profile, GPU time ``t_gpu(b, x)`` and dynamic energy
 
 **Host time and overlap.**  Exposed host time per pass (``L`` layers)::
 
-    t_host = (1 - overlap) (step_s + L per_layer_s + b per_sequence_s
+    t_host = (1 - overlap) (step_s + L per_layer_s + (tp - 1) per_tp_rank_s + b per_sequence_s
                             [+ prefill_s + T per_prefill_token_s])            [s]
     t      = t_gpu + t_host                                                   [s]
     E      = n_gpus (P_static t_gpu + P_gap t_host + E_dyn)                   [J]
@@ -89,7 +89,8 @@ def coefficient_terms(engine: EngineProfile, profile, spec, tp: int) -> dict:
     k = engine.kernels
     return {
         "engine_name": engine.name,
-        "host_pass_s": exposed * (h.step_s + spec.n_layers * h.per_layer_s),
+        "host_pass_s": exposed * (h.step_s + spec.n_layers * h.per_layer_s
+                                  + (tp - 1) * h.per_tp_rank_s),
         "host_sequence_s": exposed * h.per_sequence_s,
         "host_prefill_s": exposed * h.prefill_s,
         "host_prefill_token_s": exposed * h.per_prefill_token_s,

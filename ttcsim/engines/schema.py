@@ -79,7 +79,8 @@ class Host(BaseModel):
     Exposed host time of a pass (``L`` layers, ``b`` running sequences, ``T``
     prefill tokens)::
 
-        t_host = (1 - overlap) * (step_s + L * per_layer_s + b * per_sequence_s
+        t_host = (1 - overlap) * (step_s + L * per_layer_s + (tp - 1) * per_tp_rank_s
+                                  + b * per_sequence_s
                                   [+ prefill_s + T * per_prefill_token_s  for a prefill])
 
     and the pass takes ``t_gpu + t_host`` (the GPU waits for the host for
@@ -90,6 +91,10 @@ class Host(BaseModel):
 
     step_s: float = Field(default=0.0, ge=0, le=1.0, description="per pass [s]")
     per_layer_s: float = Field(default=0.0, ge=0, le=1e-2, description="per layer per pass [s]")
+    per_tp_rank_s: float = Field(
+        default=0.0, ge=0, le=0.1,
+        description="per pass per tensor-parallel rank beyond the first (input broadcast) [s]",
+    )
     per_sequence_s: float = Field(
         default=0.0, ge=0, le=1e-2, description="per running sequence per pass [s]"
     )

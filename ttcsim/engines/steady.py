@@ -19,7 +19,9 @@ step costs affine in the context (the hardware model at full clock)::
 of their own (chunked prefill off), so they stall the running sequences: the
 second TPOT term.  ``B`` defaults to ``min(max_num_seqs, KV-feasible)`` with
 each running sequence holding ``E[P] + m2 / (2 m1)`` tokens (the
-length-biased mean age of a running sequence).
+length-biased mean age of a running sequence).  Sliding-window layers read
+and keep ``K_eff`` of the mean context (``docs/MODEL.md``; an upper bound on
+the mean of ``K_eff``, which is concave).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ttcsim.engines.physics import kv_feasible_batch
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import get_profile
 from ttcsim.models import get_model
-from ttcsim.simulator.coefficients import pass_coefficients
+from ttcsim.simulator.coefficients import context_read_tokens, pass_coefficients
 from ttcsim.simulator.roofline import forward_pass
 
 
@@ -86,7 +88,8 @@ def steady_state(
     if running_batch is None:
         slots = eng.batching.max_num_seqs or 1
         free = c.memory_capacity_bytes - c.weight_bytes_total - slots * spec.vocab_size * 4.0
-        fit = kv_feasible_batch(free, c.kv_bytes_per_token, p1 + m2 / (2.0 * m1),
+        held = float(context_read_tokens(c, p1 + m2 / (2.0 * m1)))  # sliding layers: window
+        fit = kv_feasible_batch(free, c.kv_bytes_per_token, held,
                                 eng.kv_cache.block_tokens)
         if fit < 1:
             raise DoesNotFitError(f"{spec.name}: no sequence fits the KV cache", "--model")
@@ -94,6 +97,7 @@ def steady_state(
     b = float(running_batch)
     steps = m1 - 1.0
     x = b * (steps * p1 + (m2 - m1) / 2.0) / steps
+    x = b * context_read_tokens(c, x / b) if c.windowed_fraction else x  # window on the mean
     step = forward_pass(c, b, x, x)
     admitted = b / steps  # requests admitted per decode step
     k = max(1.0, admitted)

@@ -23,7 +23,28 @@ Modules:
 
 from __future__ import annotations
 
+import importlib
+
 from ttcsim.errors import GpuUnavailableError
+
+#: Modules of the ``[gpu]`` extra and the package that provides each.
+GPU_EXTRA = (("torch", "torch"), ("pynvml", "nvidia-ml-py"))
+#: How :func:`gpu_status` starts its reason when the extra is not installed.
+MISSING_EXTRA = "the [gpu] extra is not installed"
+
+
+def missing_gpu_packages() -> list[str]:
+    """Packages of the ``[gpu]`` extra that are not installed (import fails: module not found)."""
+    missing = []
+    for module, package in GPU_EXTRA:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name in (None, module):
+                missing.append(package)
+        except Exception:  # noqa: BLE001, S110 - installed but broken: gpu_status says why
+            pass
+    return missing
 
 
 def gpu_status() -> tuple[bool, str]:
@@ -31,12 +52,18 @@ def gpu_status() -> tuple[bool, str]:
 
     Returns ``(True, description)`` when torch imports, ``torch.cuda`` sees a
     device, pynvml imports and ``nvmlInit`` succeeds; otherwise
-    ``(False, reason)`` with the first thing that is missing.
+    ``(False, reason)`` with the first thing that is missing.  A package of the
+    ``[gpu]`` extra that is not installed comes first, as
+    ``"the [gpu] extra is not installed (missing: torch); pip install 'ttcsim[gpu]'"``:
+    that is not the same as a machine without a GPU.
     """
+    missing = missing_gpu_packages()
+    if missing:
+        return False, f"{MISSING_EXTRA} (missing: {', '.join(missing)}); pip install 'ttcsim[gpu]'"
     try:
         import torch
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no torch"
-        return False, f"torch not importable ({exc.__class__.__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - installed, but it does not import
+        return False, f"torch is installed but does not import ({exc.__class__.__name__}: {exc})"
     if not torch.cuda.is_available():
         return False, f"torch {torch.__version__} sees no CUDA device"
     from ttcsim.gpu import nvml
@@ -48,10 +75,14 @@ def gpu_status() -> tuple[bool, str]:
 
 
 def require_gpu() -> None:
-    """Raise :class:`GpuUnavailableError` ("no NVIDIA GPU: ...") unless :func:`gpu_status` is ok."""
+    """Raise :class:`GpuUnavailableError` unless :func:`gpu_status` is ok.
+
+    The message is ``no NVIDIA GPU: ...``, or, when the ``[gpu]`` extra is not
+    installed, says which package is missing and how to install it.
+    """
     ok, why = gpu_status()
     if not ok:
-        raise GpuUnavailableError(f"no NVIDIA GPU: {why}")
+        raise GpuUnavailableError(why if why.startswith(MISSING_EXTRA) else f"no NVIDIA GPU: {why}")
 
 
-__all__ = ["gpu_status", "require_gpu"]
+__all__ = ["gpu_status", "missing_gpu_packages", "require_gpu"]

@@ -64,9 +64,16 @@ class NvmlUninitializedError(NvmlError):
 def _pynvml() -> Any:
     try:
         import pynvml
+    except ModuleNotFoundError as exc:
+        if exc.name not in (None, "pynvml"):
+            raise
+        raise GpuUnavailableError(
+            "the [gpu] extra is not installed (missing: nvidia-ml-py, which provides pynvml); "
+            "pip install 'ttcsim[gpu]'"
+        ) from None
     except Exception as exc:  # noqa: BLE001
         raise GpuUnavailableError(
-            f"no NVIDIA GPU: pynvml not importable ({exc}); pip install nvidia-ml-py"
+            f"no NVIDIA GPU: pynvml does not import ({exc}); pip install 'ttcsim[gpu]'"
         ) from None
     return pynvml
 

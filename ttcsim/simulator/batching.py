@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttcsim.simulator.coefficients import PassCoefficients
+from ttcsim.simulator.coefficients import PassCoefficients, context_read_tokens
 from ttcsim.simulator.decode import DecodeCost, segment_cost
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
@@ -66,8 +66,8 @@ def static_padded_expected(
     surv = np.asarray(survival, dtype=float)
     steps = np.arange(1, surv.size + 1, dtype=float)
     weight = 1.0 - np.power(1.0 - surv, n)
-    x = n * (prompt_tokens + steps)
-    hits = (n - queries) * prompt_tokens if shared_prefix else 0.0
+    x = n * context_read_tokens(c, prompt_tokens + steps)  # sliding layers: their window
+    hits = (n - queries) * context_read_tokens(c, prompt_tokens) if shared_prefix else 0.0
     cost = forward_pass(c, np.full_like(x, float(n)), x, x, kv_hbm_tokens=x - hits)
     power = average_power_w(cost.energy_j, cost.time_s)
     decode = DecodeCost(
@@ -118,7 +118,8 @@ def continuous_decode(c: PassCoefficients, prompt_tokens: float, lengths: np.nda
     np.put_along_axis(when, cols, np.where(r > 0, drain_finish,
                                            np.take_along_axis(when, cols, axis=1)), axis=1)
     q_time = when.reshape(draws, -1, group).max(axis=2).mean(axis=1)
-    peak = forward_pass(c, float(k), k * (p + sat), k * (p + sat))
+    x_peak = k * context_read_tokens(c, p + sat)
+    peak = forward_pass(c, float(k), x_peak, x_peak)
     peak_w = float(np.max(average_power_w(peak.energy_j, peak.time_s), initial=0.0))
     return (t_sat + drain.time_s, ed_sat + drain.dynamic_energy_j, e_sat + drain.energy_j,
             q_time, max(peak_w, drain.peak_power_w))

@@ -5,7 +5,9 @@
 cost needs, so the hot functions in :mod:`ttcsim.simulator.roofline` take only
 floats or numpy arrays (and so broadcast over scenarios).  All quantities are
 per GPU: with tensor parallelism ``tp`` weights, KV heads and FLOPs are split
-``tp`` ways (Megatron-style column/row sharding).
+``tp`` ways (Megatron-style column/row sharding).  With fewer KV heads than
+``tp``, each KV head is replicated on ``tp / n_kv_heads`` GPUs, so a GPU stores
+and reads one KV head (see :mod:`ttcsim.deployment`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,40 @@ class PassCoefficients:
     max_num_seqs: int = 0  #: continuous batching: most running sequences
     prefill_tokens_per_pass: float = 0.0  #: 0: one pass per prefill phase
     prefill_chunked: bool = False  #: a prompt may be split across prefill passes
+    #: bf16 tensor-core energy per FLOP (prefill attention's causal pairs) [J/FLOP]
+    energy_per_bf16_flop_j: float = 0.0
+    #: activation bytes per token through the unfused elementwise kernels [B/token]
+    activation_bytes_per_token: float = 0.0
+    #: bytes per token of the largest activation tensor (gate/up output) [B/token]
+    activation_row_bytes: float = 1.0
+
+
+
+def _ffn_width(spec: ModelSpec) -> int:
+    """Intermediate width a token's FFN computes (active and shared experts for MoE)."""
+    if spec.is_moe:
+        return spec.expert_intermediate_size * (spec.n_active_experts + spec.n_shared_experts)
+    return spec.intermediate_size
+
+
+def activation_bytes_per_token(spec: ModelSpec) -> float:
+    """Activation bytes one token moves through a pass's unfused kernels [B/token].
+
+    Count of the reads and writes per layer of an eager (unfused) decoder
+    layer, in elements, times ``ACTIVATION_BYTES``::
+
+        L * (14 H + 8 I + (11 H_q + 8 H_kv) d)
+
+    ``14 H``: two RMSNorms (read + write), two residual adds (2 reads + 1
+    write), the QKV, O, gate/up and down GEMMs' H-wide inputs/outputs;
+    ``8 I``: gate/up output (2 I), SiLU (read + write I), the product (2 reads
+    + 1 write), the down GEMM's input; ``(11 H_q + 8 H_kv) d``: QKV output,
+    RoPE on q and k (four passes), KV-cache writes, the GQA K/V expansion and
+    the attention's q/o.  About 14 MB per token for Llama-3.1-8B.
+    """
+    h, d = spec.hidden_size, spec.head_dim
+    per_layer = 14 * h + 8 * _ffn_width(spec) + (11 * spec.n_heads + 8 * spec.n_kv_heads) * d
+    return float(spec.n_layers * per_layer * ACTIVATION_BYTES)
 
 
 def pass_coefficients(
@@ -103,7 +139,8 @@ def pass_coefficients(
     link = ds.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
     ring = 2.0 * (tp - 1) / tp if tp > 1 else 0.0
     n_allreduce = 2 * spec.n_layers if tp > 1 else 0
-    kv_split = 1 if spec.is_mla else tp  # the MLA latent is one head: every GPU keeps it all
+    # the MLA latent is one head: every GPU keeps it all; fewer KV heads than GPUs: replicas
+    kv_split = 1 if spec.is_mla else min(tp, spec.n_kv_heads)
     extra: dict = {}
     if engine is not None and not engine.is_reference:
         from ttcsim.engines.physics import coefficient_terms, scaled_parameters
@@ -144,6 +181,9 @@ def pass_coefficients(
         dvfs_energy_exponent=p.dvfs_energy_exponent,
         memory_capacity_bytes=ds.memory_capacity_bytes * p.memory_usable_fraction,
         weight_bytes_total=arch.parameter_count(spec) * w_bytes / tp,
+        energy_per_bf16_flop_j=p.compute_energy_j_per_flop,
+        activation_bytes_per_token=activation_bytes_per_token(spec) / tp,
+        activation_row_bytes=2.0 * _ffn_width(spec) * ACTIVATION_BYTES / tp,
     )
     if extra:
         kv = extra.pop("kv_copy_factor") * c.kv_bytes_per_token

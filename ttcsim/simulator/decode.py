@@ -34,6 +34,7 @@ import numpy as np
 
 from ttcsim.simulator.coefficients import PassCoefficients, context_read_tokens
 from ttcsim.simulator.roofline import (
+    activation_hbm_bytes,
     attention_time_per_pair_s,
     exposed_host_time_s,
     fixed_time_s,
@@ -60,8 +61,8 @@ def step_coefficients(c: PassCoefficients, batch, l2_hit_tokens=0.0):
 
     With ``x = b * (P + s)`` cached tokens read (one query token per sequence)::
 
-        t(x) = t0 + a * x                     t0 = rl(weights, GEMM) + fixed      [s]
-        E_dyn(x) = e0 + e1 * x                e0 = e_B (W(b) + (b - h) b_kv) + e_F b F_lin,
+        t(x) = t0 + a * x                     t0 = rl(weights, GEMM) + fixed + X(b)/B_w [s]
+        E_dyn(x) = e0 + e1 * x                e0 = e_B (W(b) + (b - h) b_kv + X(b)) + e_F b F_lin,
                                               e1 = e_B b_kv + e_A f_attn          [J]
 
     ``a`` is :func:`~ttcsim.simulator.roofline.attention_time_per_pair_s` at ``b``
@@ -72,10 +73,11 @@ def step_coefficients(c: PassCoefficients, batch, l2_hit_tokens=0.0):
     if c.has_engine_terms:
         return _engine_step_coefficients(c, b, l2_hit_tokens)
     a = attention_time_per_pair_s(c, b)
-    t0 = linear_time_s(c, b) + fixed_time_s(c, b)
+    x_act = activation_hbm_bytes(c, b)  # 0 for batches whose activations fit the L2
+    t0 = linear_time_s(c, b) + fixed_time_s(c, b) + x_act / c.weight_bandwidth_bytes_per_s
     e0 = (
         c.energy_per_byte_j
-        * (weight_bytes_read(c, b) + (b - l2_hit_tokens) * c.kv_bytes_per_token)
+        * (weight_bytes_read(c, b) + (b - l2_hit_tokens) * c.kv_bytes_per_token + x_act)
         + c.energy_per_linear_flop_j * b * c.linear_flops_per_token
     )
     e1 = c.energy_per_byte_j * c.kv_bytes_per_token + (
@@ -95,10 +97,11 @@ def _engine_step_coefficients(c: PassCoefficients, b: np.ndarray, l2_hit_tokens)
     bp = padded_batch(c.decode_batch_buckets, b) if c.decode_batch_buckets else b
     host = exposed_host_time_s(c, b, b)
     a = attention_time_per_pair_s(c, b) + c.kv_copy_bytes_per_token / c.weight_bandwidth_bytes_per_s
-    t0 = linear_time_s(c, bp) + fixed_time_s(c, bp) + host
+    x_act = activation_hbm_bytes(c, bp)
+    t0 = linear_time_s(c, bp) + fixed_time_s(c, bp) + host + x_act / c.weight_bandwidth_bytes_per_s
     e0 = (
         c.energy_per_byte_j
-        * (weight_bytes_read(c, bp) + (b - l2_hit_tokens) * c.kv_bytes_per_token)
+        * (weight_bytes_read(c, bp) + (b - l2_hit_tokens) * c.kv_bytes_per_token + x_act)
         + c.energy_per_linear_flop_j * bp * c.linear_flops_per_token
         - c.host_gap_saving_w * host
     )

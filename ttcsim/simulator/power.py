@@ -41,17 +41,20 @@ def solve_clock_scale(time_at, mem_energy_j, comp_energy_j, static_power_w, limi
     over the limit, returns ``MIN_CLOCK_SCALE``.
 
     ``time_at(s, idx)`` returns the time of passes ``idx`` (``None``: all) at clock
-    scales ``s``.
+    scales ``s``.  ``static_power_w``, ``limit_w`` and ``gamma`` are scalars or
+    arrays with one value per pass (passes of different GPUs solved together);
+    each pass uses its own values, so the result equals solving it alone.
     Callers pass only passes with ``P(1) > limit``.
     """
     mem = np.asarray(mem_energy_j, dtype=float)
     comp = np.asarray(comp_energy_j, dtype=float)
-    head = limit_w - static_power_w
+    head = np.broadcast_to(np.asarray(limit_w, dtype=float) - static_power_w, mem.shape)
+    gamma = np.broadcast_to(np.asarray(gamma, dtype=float), mem.shape)
 
     def g(s, idx):
         if idx.size == mem.size:  # every pass still running: no gather
             return mem + s**gamma * comp - head * time_at(s, None)
-        return mem[idx] + s**gamma * comp[idx] - head * time_at(s, idx)
+        return mem[idx] + s ** gamma[idx] * comp[idx] - head[idx] * time_at(s, idx)
 
     scale = mem + comp  # g's scale [J]
     every = np.arange(mem.size)

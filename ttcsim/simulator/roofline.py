@@ -7,10 +7,19 @@ computes ``A`` (query, key) attention pairs, per GPU, at clock scale ``s``::
     t_lin   = rl(W(T) / B_w,  T * F_lin / (R_gemm * s))               [s]
     t_attn  = rl(K * b_kv / B_attn,  A * f_attn / (R_attn * s))       [s]
     t_comm  = t_ar_fixed + T * t_ar_token          (tensor parallel) [s]
-    t       = t_lin + t_attn + t_comm + L * t_layer + t_step         [s]
-    E_mem   = e_B * (W(T) + (K + T) * b_kv)                          [J]
-    E_comp  = e_F * T * F_lin + e_A * A * f_attn     (at s = 1)      [J]
+    t_act   = X(T) / B_w                       (activation spill) [s]
+    t       = t_lin + t_attn + t_comm + t_act + L * t_layer + t_step [s]
+    E_mem   = e_B * (W(T) + (K + T) * b_kv + X(T))                   [J]
+    E_comp  = e_F * T * F_lin + (e_A * min(A, K) + e_F16 * (A - K)+) * f_attn
+                                                     (at s = 1)      [J]
     E_dyn   = E_mem + s^gamma * E_comp                               [J]
+
+``X(T)`` (:func:`activation_hbm_bytes`) is the activation traffic between the
+unfused kernels that spills from the L2 to HBM.  Decode attention pairs (one
+per cached key read, ``min(A, K)``) cost ``e_A`` each (the memory-bound
+split-K kernel, fitted from the decode-attention windows); the other pairs
+(a prefill's causal pairs over its new tokens) are compute-bound flash
+attention on the tensor cores and cost the bf16 GEMM energy per FLOP ``e_F16``.
 
 ``rl(a, b) = (a^p + b^p)^(1/p)`` is a smooth roofline: memory traffic and
 compute overlap within a kernel, imperfectly near the ridge point (``p`` =
@@ -30,6 +39,11 @@ import numpy as np
 
 from ttcsim.simulator.coefficients import PassCoefficients
 from ttcsim.simulator.power import solve_clock_scale
+
+#: L2 cache per GPU [B]: 50 MB on the H100 SXM5 (NVIDIA H100 Tensor Core GPU
+#: Architecture whitepaper, 2022); the H200 has the same GH100 die.  One value for
+#: every profile (A100: 40 MB, L4: 48 MB): it only sets where activations spill.
+L2_CACHE_BYTES = 50e6
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,28 @@ def attention_time_per_pair_s(c: PassCoefficients, sequences=1e9) -> np.ndarray:
     )
 
 
+def activation_hbm_bytes(c: PassCoefficients, tokens) -> np.ndarray:
+    """Activation bytes a pass over ``tokens`` tokens moves through HBM [B].
+
+    ``X(T) = T * b_act * clip((T * r_max - L2) / L2, 0, 1)``.  Between the
+    GEMMs, each token's activations go through unfused elementwise kernels
+    (RMSNorm, RoPE, SwiGLU, residual adds, KV writes, GEMM inputs and
+    outputs): ``b_act`` bytes per token
+    (``PassCoefficients.activation_bytes_per_token``).  A kernel reads what
+    the previous one wrote; while the largest activation tensor, ``T * r_max``
+    bytes (the gate/up output), fits in the L2 those reads hit it, and once it
+    is more than twice the L2 a streaming write evicts its start before the
+    next kernel reads it (LRU), so everything goes through HBM; linear in
+    between.  Decode batches (``T <= 256``: under 15 MB) stay in the L2;
+    prefill chunks of thousands of tokens stream through HBM at the
+    weight-streaming bandwidth, at HBM energy per byte.
+    """
+    tokens = np.asarray(tokens, dtype=float)
+    working_set = tokens * c.activation_row_bytes
+    spill = np.clip((working_set - L2_CACHE_BYTES) / L2_CACHE_BYTES, 0.0, 1.0)
+    return tokens * c.activation_bytes_per_token * spill
+
+
 def fixed_time_s(c: PassCoefficients, tokens) -> np.ndarray:
     """Per-pass overheads and all-reduces: ``L*t_layer + t_step + t_ar + T*t_ar_token`` [s]."""
     tokens = np.asarray(tokens, dtype=float)
@@ -195,17 +231,26 @@ def forward_pass(
     t_wc = lin * c.linear_flops_per_token / c.gemm_flops_per_s
     t_am = kv_read * c.kv_bytes_per_token / attention_bandwidth_bytes_per_s(c, seqs)
     t_ac = pairs * c.attention_flops_per_pair / c.attention_flops_per_s
-    t_fix = fixed_time_s(c, lin) + (c.prefill_overhead_s if prefill else 0.0)
+    x_act = activation_hbm_bytes(c, lin)
+    t_fix = (
+        fixed_time_s(c, lin)
+        + x_act / c.weight_bandwidth_bytes_per_s
+        + (c.prefill_overhead_s if prefill else 0.0)
+    )
     p = c.roofline_exponent
 
     def time_at(s, parts):
         wm, wc, am, ac, fix = parts
         return smooth_roofline(wm, wc / s, p) + smooth_roofline(am, ac / s, p) + fix
 
-    e_mem = c.energy_per_byte_j * (w_bytes + (kv_hbm + tokens) * c.kv_bytes_per_token)
+    e_mem = c.energy_per_byte_j * (w_bytes + (kv_hbm + tokens) * c.kv_bytes_per_token + x_act)
     e_comp = (
         c.energy_per_linear_flop_j * lin * c.linear_flops_per_token
-        + c.energy_per_attention_flop_j * pairs * c.attention_flops_per_pair
+        + c.attention_flops_per_pair
+        * (
+            c.energy_per_attention_flop_j * np.minimum(pairs, kv_read)
+            + c.energy_per_bf16_flop_j * np.maximum(pairs - kv_read, 0.0)
+        )
     )
     if c.has_engine_terms:
         # exposed host time (the GPU waits, at the gap power) and per-step cache copies
@@ -221,20 +266,25 @@ def forward_pass(
     if throttled.any():
         idx = np.nonzero(throttled)
         sub = tuple(v[idx] for v in (t_wm, t_wc, t_am, t_ac, t_fix))
+        # power fields may vary per pass (options of several GPUs stacked together)
+        static_w, limit_w, gamma = (
+            np.broadcast_to(np.asarray(v, dtype=float), t.shape)[idx]
+            for v in (c.static_power_w, c.power_limit_w, c.dvfs_energy_exponent)
+        )
         s = solve_clock_scale(
             lambda x, j: time_at(x, sub if j is None else tuple(v[j] for v in sub)),
             e_mem[idx],
             e_comp[idx],
-            c.static_power_w,
-            c.power_limit_w,
-            c.dvfs_energy_exponent,
+            static_w,
+            limit_w,
+            gamma,
         )
         t = t.copy()
         e_dyn = e_dyn.copy()
-        e_dyn[idx] = e_mem[idx] + s**c.dvfs_energy_exponent * e_comp[idx]
+        e_dyn[idx] = e_mem[idx] + s**gamma * e_comp[idx]
         # if even the lowest clock stays over the limit (memory traffic alone too
         # costly), the limiter stretches the pass until the power is the limit
-        head = max(c.power_limit_w - c.static_power_w, 1e-9)
+        head = np.maximum(limit_w - static_w, 1e-9)
         t[idx] = np.maximum(time_at(s, sub), e_dyn[idx] / head)
     t = np.where(active, t, 0.0)
     e_dyn = np.where(active, e_dyn, 0.0)
