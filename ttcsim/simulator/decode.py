@@ -304,10 +304,10 @@ def decode_time_per_query_s(
     """Decode time until each query's last sample finishes [s], for known lengths.
 
     ``output_tokens`` is ordered query by query (``samples_per_query`` each).
-    The segments are priced as in :func:`deterministic_decode`, prefix sharing
-    included: sharing moves no time at full clock (every read takes attention
-    time), but where the GPU is power-limited the L2 hits lower the step's
-    power and so the throttle, which shortens the steps.
+    Unthrottled time does not depend on prefix sharing (every read takes
+    bandwidth), but a power-limited step does (shared reads cost less energy), so
+    the segments are priced as :func:`deterministic_decode` prices them: the last
+    query's finish is then exactly the batch's decode time.
     """
     lengths = np.asarray(output_tokens, dtype=float)
     batch, first_ctx, seg_steps, groups, steps = _segments(
