@@ -164,3 +164,36 @@ def test_calibrate_run_without_gpu_is_a_clear_message(tmp_path, monkeypatch):
     r = invoke("calibrate", "run", "--out", str(tmp_path / "p.yaml"))
     assert r.exit_code == 2
     assert "GPU" in r.output and "Traceback" not in r.output
+
+
+def test_percentiles_off_skips_the_draws():
+    lognormal = "--output-tokens=lognormal:median=300,sigma=0.6,max=2048"
+    on = invoke("predict", "--model=1b", "--strategy=vote4", lognormal, "--json")
+    off = invoke("predict", "--model=1b", "--strategy=vote4", lognormal, "--json",
+              "--percentiles", "off")
+    assert on.exit_code == 0 and off.exit_code == 0, off.output
+    a, b = json.loads(on.output), json.loads(off.output)
+    assert a["energy_j_p90"] is not None and a["percentile_draws"] == 2000
+    assert b["energy_j_p90"] is None and b["percentile_draws"] is None
+    assert a["energy_j"] == b["energy_j"]  # the exact mean does not use the draws
+    table = invoke("predict", "--model=1b", lognormal, "--percentiles=off")
+    assert "p50" not in table.output
+    m = invoke("metrics", "--model=1b", "--strategy=single", "--strategy=vote4", lognormal,
+               "--json", "--percentiles=off")
+    assert m.exit_code == 0, m.output
+    assert all(r["energy_j_p50"] is None for r in json.loads(m.output))
+    bad = invoke("predict", "--percentiles=maybe")
+    assert bad.exit_code == 2 and "--percentiles" in bad.output
+
+
+def test_default_percentile_draws_shrink_for_heavy_batches():
+    from ttcsim.predict import DEFAULT_DRAWS, PERCENTILE_WORK, predict
+
+    lengths = "lognormal:median=300,sigma=0.6,max=2048"
+    light = predict(model="1b", strategy="vote4", output_tokens=lengths)
+    heavy = predict(model="1b", strategy="vote4", output_tokens=lengths, concurrency=64)
+    assert light.percentile_draws == DEFAULT_DRAWS
+    assert heavy.percentile_draws == PERCENTILE_WORK // (64 * 4)
+    explicit = predict(model="1b", strategy="vote4", output_tokens=lengths, concurrency=64,
+                       draws=300)
+    assert explicit.percentile_draws == 300

@@ -7,6 +7,8 @@ predictions, percentiles against draws priced one by one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import LLAMA_8B, make_profile
@@ -248,3 +250,39 @@ def test_empirical_output_lengths_through_predict(tmp_path):
     assert r.output_tokens == pytest.approx(4 * 680)
     assert r.energy_j_p50 <= r.energy_j_p90 <= r.energy_j_p99
     assert isinstance(parse_lengths(f"empirical:{path}"), Empirical)
+
+
+def test_continuous_laws_are_scipy_stats_bit_for_bit():
+    """ContinuousLaw replaces scipy.stats (0.4 s to import) with the same special functions."""
+    from scipy import stats
+
+    from ttcsim.distributions import ContinuousLaw
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([[-5, 0, 1e-300, 0.5, 1, 2, 1e6, np.inf], rng.uniform(0, 20000, 2000),
+                        np.arange(0, 3000.0)])
+    q = np.concatenate([[0, 1e-300, 1e-16, 0.5, 1 - 1e-16, 1], rng.uniform(0, 1, 2000), [1e-9]])
+    cases = [
+        (ContinuousLaw("lognormal", 0.7, 800.0), stats.lognorm(s=0.7, scale=800.0)),
+        (ContinuousLaw("lognormal", 2.3, 5.0), stats.lognorm(s=2.3, scale=5.0)),
+        (ContinuousLaw("gamma", 1.5, 100.0), stats.gamma(a=1.5, scale=100.0)),
+        (ContinuousLaw("gamma", 0.3, 1000.0), stats.gamma(a=0.3, scale=1000.0)),
+        (ContinuousLaw("normal", 0.0, 200.0, loc=800.0), stats.norm(loc=800.0, scale=200.0)),
+    ]
+    for mine, ref in cases:
+        for name, points in (("cdf", x), ("sf", x), ("ppf", q), ("isf", q)):
+            got, want = getattr(mine, name)(points), getattr(ref, name)(points)
+            assert np.array_equal(got, want, equal_nan=True), (mine, name)
+            assert getattr(mine, name)(points[3]) == getattr(ref, name)(points[3])
+
+
+def test_random_lengths_do_not_import_scipy_stats():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ttcsim import predict; "
+            "predict(strategy='vote5', output_tokens='lognormal:median=800,sigma=0.7,max=8192', "
+            "percentiles=False); print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"

@@ -195,3 +195,23 @@ def test_clock_scale_solves_the_power_limit_by_hand():
     # each pass converges on its own: alone it gives the same bits as in the array
     alone = solve_clock_scale(time_at, np.array([100.0]), np.array([300.0]), 50.0, 150.0, 1.0)
     assert alone[0] == s[0]
+
+
+def test_per_query_decode_time_counts_prefix_sharing_at_the_power_limit():
+    """Regression (issue 13): the per-query wait ignored prefix sharing when throttled.
+
+    One query of 64 samples with equal lengths finishes with the batch, so its wait
+    must equal the phase's time.  At the power limit the L2 hits of a shared prompt
+    lower the step power and so the throttle; priced without them, the wait came
+    out longer than the whole phase.
+    """
+    hot = pass_coefficients(
+        make_profile(active_power_w=300.0, compute_energy_j_per_flop=2e-12), LLAMA_8B
+    )
+    lengths = np.full(64, 200.0)
+    shared = deterministic_decode(hot, 300, lengths, 64, True)
+    alone = deterministic_decode(hot, 300, lengths, 64, False)
+    assert shared.time_s < alone.time_s * (1 - 1e-3)  # sharing matters here: throttled
+    q = decode_time_per_query_s(hot, 300, lengths, 64, True)
+    assert q[0] == shared.time_s
+    assert decode_time_per_query_s(hot, 300, lengths, 64, False)[0] == alone.time_s

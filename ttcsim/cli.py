@@ -253,16 +253,17 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--carbon-g-per-kwh", default=None, type=float, help="Grid carbon intensity [gCO2/kWh].")
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
+@click.option("--percentiles", "percentiles", type=click.Choice(["on", "off"]), default="on", show_default=True, help="Monte-Carlo p50/p90/p99 of random workloads (off skips their draws).")
 @click.option("--power-limit-w", default=None, type=float, help="What-if board power limit per GPU [W], down to the board's minimum (default: the datasheet limit).")
 @click.option("--engine", default=None, help="Engine profile: reference (default), hf-transformers, vllm, or a YAML path (see `ttcsim engines list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a PNG: the query's power timeline (phases, power limit); with random lengths also the histogram of energy per query (p50, p90).")
 @_friendly
-def predict(as_json: bool, plot_path: str | None, **kw) -> None:
+def predict(as_json: bool, plot_path: str | None, percentiles: str, **kw) -> None:
     """Predict joules, latency and power of one query."""
     from ttcsim.predict import predict as run_predict
 
-    r = run_predict(**kw)
+    r = run_predict(percentiles=percentiles == "on", **kw)
     if plot_path:
         from ttcsim.plot_power import plot_prediction
 

@@ -70,24 +70,46 @@ class LengthDistribution:
         """Whether every draw is the same length."""
         return False
 
+    def _cached(self, key, compute):
+        """``compute()`` once per instance (distributions are immutable; arrays read-only)."""
+        memo = self.__dict__.setdefault("_memo", {})  # frozen dataclasses: no __setattr__
+        if key not in memo:
+            value = compute()
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+            memo[key] = value
+        return memo[key]
+
     def survival_steps(self) -> np.ndarray:
-        """``P(L > s)`` for decode steps ``s = 1 .. upper_bound() - 1``."""
-        s = np.arange(1, max(self.upper_bound(), 1), dtype=float)
-        return self.survival(s)
+        """``P(L > s)`` for decode steps ``s = 1 .. upper_bound() - 1`` (read-only array)."""
+
+        def compute():
+            s = np.arange(1, max(self.upper_bound(), 1), dtype=float)
+            return np.asarray(self.survival(s), dtype=float)
+
+        return self._cached("survival_steps", compute)
 
     def mean(self) -> float:
         """``E[L] = sum_{s>=0} P(L > s)`` [tokens]."""
-        return 1.0 + float(self.survival_steps().sum())
+        return self._cached("mean", lambda: 1.0 + float(self.survival_steps().sum()))
 
     def second_moment(self) -> float:
         """``E[L^2] = sum_{s>=0} (2s + 1) P(L > s)`` [tokens^2]."""
-        s = np.arange(1, max(self.upper_bound(), 1), dtype=float)
-        return 1.0 + float(((2 * s + 1) * self.survival(s)).sum())
+
+        def compute():
+            s = np.arange(1, max(self.upper_bound(), 1), dtype=float)
+            return 1.0 + float(((2 * s + 1) * self.survival(s)).sum())
+
+        return self._cached("second_moment", compute)
 
     def quantile(self, q: float) -> float:
         """Smallest length ``l`` with ``P(L <= l) >= q``."""
-        s = np.arange(0, self.upper_bound() + 1, dtype=float)
-        cdf = 1.0 - self.survival(s)
+
+        def table():
+            s = np.arange(0, self.upper_bound() + 1, dtype=float)
+            return s, 1.0 - self.survival(s)
+
+        s, cdf = self._cached("cdf", table)
         return float(s[min(np.searchsorted(cdf, q - 1e-12), s.size - 1)])
 
 
@@ -116,8 +138,83 @@ class Fixed(LengthDistribution):
 
 
 @dataclass(frozen=True)
+class ContinuousLaw:
+    """A lognormal, gamma or normal law: ``cdf``, ``sf``, ``ppf`` and ``isf`` (arrays).
+
+    The formulas of ``scipy.stats`` (``lognorm(s=shape, scale=scale)``,
+    ``gamma(a=shape, scale=scale)``, ``norm(loc, scale)``), evaluated with the
+    same ``scipy.special`` functions (``ndtr``, ``ndtri``, ``gammainc``,
+    ``gammaincc``, ``gammaincinv``, ``gammainccinv``) in the same order, so the
+    values are scipy's bit for bit; ``scipy.stats`` itself costs ~0.4 s to import.
+    With ``z = (x - loc) / scale``::
+
+        lognormal  cdf = ndtr(ln z / shape)     ppf = exp(shape * ndtri(q)) * scale
+        gamma      cdf = gammainc(shape, z)     ppf = gammaincinv(shape, q) * scale
+        normal     cdf = ndtr(z)                ppf = ndtri(q) * scale + loc
+
+    Lognormal and gamma live on ``x > 0`` (``cdf = 0`` at and below 0).
+    """
+
+    family: str  #: "lognormal", "gamma" or "normal"
+    shape: float  #: sigma (lognormal), shape a (gamma); unused for the normal
+    scale: float  #: median (lognormal), theta (gamma), std (normal) [tokens]
+    loc: float = 0.0  #: mean of the normal [tokens]
+
+    def _below(self, x):
+        """``(z, inside)``: standardised ``x`` and whether it lies in the open support."""
+        z = (np.asarray(x, dtype=float) - self.loc) / self.scale
+        if self.family == "normal":
+            return z, np.ones(z.shape, dtype=bool)
+        return z, z > 0
+
+    def cdf(self, x):  # noqa: D102
+        return self._tail(x, upper=False)
+
+    def sf(self, x):  # noqa: D102
+        return self._tail(x, upper=True)
+
+    def _tail(self, x, upper: bool):
+        from scipy import special as sc  # lazy: only random lengths need it
+
+        z, inside = self._below(x)
+        zi = np.where(inside, z, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.family == "lognormal":
+                y = np.log(zi) / self.shape
+                v = sc.ndtr(-y) if upper else sc.ndtr(y)
+            elif self.family == "gamma":
+                v = sc.gammaincc(self.shape, zi) if upper else sc.gammainc(self.shape, zi)
+            else:
+                v = sc.ndtr(-zi) if upper else sc.ndtr(zi)
+        return np.where(inside, v, 1.0 if upper else 0.0)[()]
+
+    def ppf(self, q):  # noqa: D102
+        return self._inverse(q, upper=False)
+
+    def isf(self, q):  # noqa: D102
+        return self._inverse(q, upper=True)
+
+    def _inverse(self, q, upper: bool):
+        from scipy import special as sc
+
+        q = np.asarray(q, dtype=float)
+        inside = (q > 0) & (q < 1)
+        qi = np.where(inside, q, 0.5)
+        if self.family == "lognormal":
+            v = np.exp(self.shape * (-sc.ndtri(qi) if upper else sc.ndtri(qi)))
+        elif self.family == "gamma":
+            v = sc.gammainccinv(self.shape, qi) if upper else sc.gammaincinv(self.shape, qi)
+        else:
+            v = -sc.ndtri(qi) if upper else sc.ndtri(qi)
+        low = -np.inf if self.family == "normal" else 0.0
+        at_zero, at_one = (np.inf, low) if upper else (low, np.inf)
+        v = v * self.scale + self.loc
+        return np.where(inside, v, np.where(q == 0, at_zero, at_one))[()]
+
+
+@dataclass(frozen=True)
 class Continuous(LengthDistribution):
-    """A scipy continuous distribution discretised by ``ceil`` and clipped to ``[lo, hi]``."""
+    """A :class:`ContinuousLaw` discretised by ``ceil`` and clipped to ``[lo, hi]``."""
 
     spec: str
     frozen_dist: object = field(repr=False)
@@ -127,7 +224,8 @@ class Continuous(LengthDistribution):
 
     def survival(self, s):  # noqa: D102
         s = np.asarray(s, dtype=float)
-        below = 1.0 - self.frozen_dist.cdf(self.lo - 1)  # mass kept above lo-1 (truncation)
+        # mass kept above lo-1 (truncation)
+        below = self._cached("below", lambda: 1.0 - self.frozen_dist.cdf(self.lo - 1))
         p = np.where(s < self.lo, 1.0, self.frozen_dist.sf(s) / max(below, 1e-300))
         # without max= the cap is ABSOLUTE_MAX_TOKENS, as in sample()
         p = np.where(s >= (self.hi if self.hi is not None else ABSOLUTE_MAX_TOKENS), 0.0, p)
@@ -136,6 +234,9 @@ class Continuous(LengthDistribution):
     def upper_bound(self):  # noqa: D102
         if self.hi is not None:
             return self.hi
+        return self._cached("upper_bound", self._tail_bound)
+
+    def _tail_bound(self) -> int:
         with np.errstate(over="ignore"):  # a huge scale overflows isf to inf
             q = min(float(self.frozen_dist.isf(TAIL_PROBABILITY)), ABSOLUTE_MAX_TOKENS)
         return int(min(max(math.ceil(q), self.lo), ABSOLUTE_MAX_TOKENS))
@@ -355,10 +456,30 @@ def _positive_int(text: str, where: str) -> int:
     return int(value)
 
 
+#: Parsed text specs (immutable results; specs that read a file are not kept).
+_PARSED: dict[tuple[str, str], LengthSpec] = {}
+
+
 def parse_lengths(
     spec: str | int | list | LengthSpec, where: str = "--output-tokens"
 ) -> LengthSpec:
     """Parse a length spec (see the module docstring) into a distribution or a list."""
+    if isinstance(spec, (LengthDistribution, LengthList)):
+        return spec
+    if isinstance(spec, str):
+        key = (spec, where)
+        hit = _PARSED.get(key)
+        if hit is None:
+            hit = _parse_lengths(spec, where)
+            if "empirical" not in spec.lower():
+                if len(_PARSED) > 256:
+                    _PARSED.clear()
+                _PARSED[key] = hit
+        return hit
+    return _parse_lengths(spec, where)
+
+
+def _parse_lengths(spec, where: str) -> LengthSpec:
     if isinstance(spec, (LengthDistribution, LengthList)):
         return spec
     if isinstance(spec, (int, np.integer)):
@@ -379,8 +500,6 @@ def parse_lengths(
         return _parse_mixture(body, text, where)
     if family == "empirical":
         return _parse_empirical(body, where)
-    from scipy import stats  # lazy: only distributions need it
-
     params = _kv(body, where)
     lo = _int_bound(params, "min", where) or 1
     hi = _int_bound(params, "max", where)
@@ -392,12 +511,13 @@ def parse_lengths(
             scale = _num(params, "median", where)
         else:  # E[X] = median * exp(sigma^2 / 2)
             scale = _num(params, "mean", where) * math.exp(-sigma * sigma / 2.0)
-        dist = stats.lognorm(s=sigma, scale=scale)
+        dist = ContinuousLaw("lognormal", sigma, scale)
     elif family == "gamma":
         mean, shape = _num(params, "mean", where), _num(params, "shape", where)
-        dist = stats.gamma(a=shape, scale=mean / shape)
+        dist = ContinuousLaw("gamma", shape, mean / shape)
     elif family in ("normal", "truncnormal"):
-        dist = stats.norm(loc=_num(params, "mean", where), scale=_num(params, "std", where))
+        mean = _num(params, "mean", where)
+        dist = ContinuousLaw("normal", 0.0, _num(params, "std", where), loc=mean)
     else:
         raise TtcsimError(
             f"unknown distribution {family!r}; valid: lognormal, gamma, normal, empirical, mix",
@@ -490,7 +610,7 @@ def shift_lengths(lengths: LengthSpec, delta: int) -> LengthSpec:
         return LengthList(tuple(v + delta for v in lengths.values))
     if isinstance(lengths, Fixed):
         return Fixed(lengths.tokens + delta)
-    return Shifted(lengths, delta)
+    return lengths._cached(("shifted", delta), lambda: Shifted(lengths, delta))
 
 
 def clip_lengths(lengths: LengthSpec, lo: int = 1, hi: int | None = None) -> LengthSpec:

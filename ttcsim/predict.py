@@ -51,8 +51,13 @@ from ttcsim.simulator.phases import Draws, PhaseCost, _expand
 from ttcsim.strategies import Strategy, Workload, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
 
-#: Monte-Carlo draws for percentiles of random lengths.
+#: Monte-Carlo draws for a mean without an exact form, and the most for percentiles.
 DEFAULT_DRAWS = 2000
+#: Work budget of percentiles drawn beside an exact mean: draws x sequences per draw
+#: (x decode steps for strategies priced step by step) [sequence-draws]; about 30 ms.
+PERCENTILE_WORK = 40_000
+#: Fewest draws behind default percentiles.
+MIN_PERCENTILE_DRAWS = 50
 #: Largest tensor-parallel degree suggested when a model does not fit.
 MAX_TP = 64
 #: Monte-Carlo draws reused (with common random numbers) for marginal costs.
@@ -206,11 +211,15 @@ def kv_sizing_length(lengths, n_sequences: int) -> float:
         return float(max(lengths.values))
     if getattr(lengths, "is_fixed", False):
         return float(lengths.tokens)
-    steps = np.arange(1, max(lengths.upper_bound(), 1) + 1, dtype=float)
-    surv = lengths.survival(steps - 1.0)  # P(L > s - 1): still holding KV at step s
-    n = float(n_sequences)
-    band = n * surv + KV_SIZING_SIGMAS * np.sqrt(n * surv * (1.0 - surv))
-    return float(min(np.max(np.minimum(band, n) * steps) / n, lengths.upper_bound()))
+
+    def compute() -> float:
+        steps = np.arange(1, max(lengths.upper_bound(), 1) + 1, dtype=float)
+        surv = lengths.survival(steps - 1.0)  # P(L > s - 1): still holding KV at step s
+        n = float(n_sequences)
+        band = n * surv + KV_SIZING_SIGMAS * np.sqrt(n * surv * (1.0 - surv))
+        return float(min(np.max(np.minimum(band, n) * steps) / n, lengths.upper_bound()))
+
+    return lengths._cached(("kv_sizing_length", int(n_sequences)), compute)
 
 
 def strategy_memory_bytes(
@@ -332,9 +341,23 @@ class _Totals:
         )
 
 
+def running_sum(values):
+    """``v_1 + v_2 + ...`` left to right, one rounding per addition (floats or arrays).
+
+    Not the built-in ``sum``: from Python 3.12 it compensates float rounding, so
+    its bits would depend on the interpreter.  The sweep (:mod:`ttcsim.sweep`)
+    adds its phases in this order too, which keeps it equal to ``predict`` bit
+    for bit on every Python version.
+    """
+    total = 0.0
+    for v in values:
+        total = total + v
+    return total
+
+
 def _summaries(phases: list[PhaseCost], q: int):
-    energy = sum(p.energy_j for p in phases) / q
-    latency = sum(p.query_time_s for p in phases)
+    energy = running_sum(p.energy_j for p in phases) / q
+    latency = running_sum(p.query_time_s for p in phases)
     return energy, latency
 
 
@@ -354,16 +377,17 @@ def _totals(phases: list[PhaseCost], q: int, c: PassCoefficients) -> _Totals:
         energy_by[bucket] = energy_by.get(bucket, 0.0) + p.energy_j / q
         time_by[bucket] = time_by.get(bucket, 0.0) + p.time_s
         tokens_by[bucket] = tokens_by.get(bucket, 0.0) + p.processed_tokens / q
-    dynamic = sum(p.dynamic_energy_j for p in phases) / q
+    dynamic = running_sum(p.dynamic_energy_j for p in phases) / q
     # energy above idle: active static power counts as caused by the query
-    dynamic += (c.static_power_w - c.idle_power_w) * c.n_gpus * sum(p.time_s for p in phases) / (q)
+    batch_time_s = running_sum(p.time_s for p in phases)
+    dynamic += (c.static_power_w - c.idle_power_w) * c.n_gpus * batch_time_s / (q)
     # legacy three buckets (draft counts as decode) and the full breakdown
     energy_by = {"legacy": by_name, **energy_by}
     time_by = {"legacy": time_by_name, **time_by}
     return _Totals(
         energy=energy,
         latency=latency,
-        makespan=sum(p.time_s for p in phases),
+        makespan=batch_time_s,
         dynamic=dynamic,
         ttft=phases[0].query_time_s,
         peak=float(max(p.peak_power_w for p in phases)),
@@ -474,6 +498,25 @@ class _Setup:
             share = t.mean().scaled(idx.size / n)
             combined = share if combined is None else combined.plus(share)
         return energy, latency, combined
+
+
+def percentile_draws(s: _Setup) -> int:
+    """Draws behind default percentiles: :data:`DEFAULT_DRAWS`, fewer for heavy draws.
+
+    A draw prices ``Q * draws_per_query`` sequences (times their mean length for
+    speculative decoding, which prices every step), so the draws are cut to
+    :data:`PERCENTILE_WORK` / that, within ``[MIN_PERCENTILE_DRAWS, DEFAULT_DRAWS]``:
+    a deterministic count (the same seed gives the same percentiles), reported
+    as ``percentile_draws``.
+    """
+    from ttcsim.strategies import Composite, Speculative
+
+    strat = s.strategy
+    inner = strat.inner if isinstance(strat, Composite) else strat
+    work = float(s.concurrency * strat.draws_per_query)
+    if isinstance(inner, Speculative):
+        work *= float(s.lengths.mean()) if hasattr(s.lengths, "mean") else 1.0
+    return int(min(DEFAULT_DRAWS, max(MIN_PERCENTILE_DRAWS, PERCENTILE_WORK // max(work, 1.0))))
 
 
 def _prepare(
@@ -659,7 +702,7 @@ def predict(
     carbon_g_per_kwh: float | None = None,
     usd_per_kwh: float | None = None,
     percentiles: bool = True,
-    draws: int = DEFAULT_DRAWS,
+    draws: int | None = None,
     seed: int = 0,
     marginal: bool = True,
     power_limit_w: float | None = None,
@@ -683,7 +726,10 @@ def predict(
         the KV cache defaults to bf16 (fp8 when weights are fp8)
     prefix_cache : parallel samples share the prompt's prefill and KV
     pue, carbon_g_per_kwh, usd_per_kwh : facility overhead, grid carbon, price
-    percentiles, draws, seed : Monte-Carlo percentiles of random workloads
+    percentiles : compute p50/p90/p99 of random workloads (False skips their draws)
+    draws, seed : Monte-Carlo draws and their seed; ``draws=None`` takes
+        :data:`DEFAULT_DRAWS` for a Monte-Carlo mean, and :func:`percentile_draws`
+        (at most as many, ~30 ms of work) when only the percentiles need draws
     marginal : also compute the marginal J per output / prompt token (two
         more evaluations)
     power_limit_w : what-if board power limit [W] per GPU, between the board's
@@ -704,7 +750,8 @@ def predict(
     for name, v in (("--carbon-g-per-kwh", carbon_g_per_kwh), ("--usd-per-kwh", usd_per_kwh)):
         if v is not None and not (_is_number(v) and math.isfinite(v) and v >= 0):
             raise TtcsimError(f"must be a finite number >= 0, got {v}", name)
-    draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
+    if draws is not None:
+        draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
     seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
     hw = get_profile(hw).with_power_limit(power_limit_w)
     s = _prepare(
@@ -712,6 +759,8 @@ def predict(
         kv_dtype, prefix_cache, reward_model, engine,
     )
     strat, c, q, lengths = s.strategy, s.c, s.concurrency, s.lengths
+    if draws is None:
+        draws = DEFAULT_DRAWS if not s.exact else percentile_draws(s)
 
     extra: dict = {}
     stderr, expectation = 0.0, "exact"

@@ -1008,7 +1008,9 @@ class AdaptiveVote(Strategy):
                 else:
                     values = np.tile(slots[starts[j] : starts[j] + b], q)
                     cost = deterministic_decode(w.policy, p, values, b, w.prefix_cache)
-                    own = float(decode_time_per_query_s(w.policy, p, values, b).max())
+                    own = float(
+                        decode_time_per_query_s(w.policy, p, values, b, w.prefix_cache).max()
+                    )
                 x = q * b * context_read_tokens(w.policy, p + 1.0)
                 first = forward_pass(w.policy, q * b, x, x)
                 peak = float(average_power_w(first.energy_j, first.time_s))

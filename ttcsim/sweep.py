@@ -15,8 +15,9 @@ the same pure functions of :mod:`ttcsim.simulator` (``forward_pass``,
 ``segment_cost``, ``causal_pairs``, ``average_power_w``) with arrays, and evaluate
 every expression in the same order as the scalar path.  Two places need care:
 
-* ``numpy.mean`` / ``numpy.sum`` over ``Q`` (or ``Q*N``) equal values use
-  numpy's pairwise summation; :func:`repeat_sum` reproduces it elementwise.
+* Phases are added left to right (:func:`ttcsim.predict.running_sum`), and
+  ``n`` equal values are summed as ``n * v`` in both paths, so no summation
+  order depends on numpy or on the Python version.
 * The exact expectation over a random length is the core's
   :func:`~ttcsim.simulator.expectation.expected_decode_totals`, which takes an
   array of prompt lengths and gives each the bits it gives alone; its
@@ -394,56 +395,6 @@ def as_grid(grid: Grid | Mapping | str | Path) -> Grid:
 # ---------------------------------------------------------------------------
 
 
-def repeat_sum(x: np.ndarray, count: int) -> np.ndarray:
-    """``np.full(count, v).sum()`` for every ``v`` in ``x``, bit for bit, elementwise.
-
-    numpy sums float64 pairwise: below 8 elements one running sum from 0; up to
-    128, eight running sums over interleaved elements combined as a tree, then
-    the remainder; above 128, the two halves (split at a multiple of 8) are
-    summed recursively.  For equal values every partial sum depends only on the
-    count, so each distinct sub-length is evaluated once.
-    """
-    x = np.asarray(x, dtype=float)
-    memo: dict[int, np.ndarray] = {}
-
-    def pairwise(n: int) -> np.ndarray:
-        hit = memo.get(n)
-        if hit is not None:
-            return hit
-        if n < 8:
-            res = np.zeros_like(x)
-            for _ in range(n):
-                res = res + x
-        elif n <= 128:
-            r = x
-            for _ in range(8, n - n % 8, 8):
-                r = r + x
-            res = (r + r) + (r + r)
-            res = res + res
-            for _ in range(n % 8):
-                res = res + x
-        else:
-            half = n // 2
-            half -= half % 8
-            res = pairwise(half) + pairwise(n - half)
-        memo[n] = res
-        return res
-
-    return pairwise(int(count))
-
-
-def _repeat_sum_by(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """:func:`repeat_sum` with a per-element count."""
-    out = np.empty_like(x)
-    uniq, inverse = np.unique(counts, return_inverse=True)
-    if uniq.size == 1:
-        return repeat_sum(x, int(uniq[0])) if uniq[0] != 1 else x.copy()
-    for k, n in enumerate(uniq):
-        sel = inverse == k
-        out[sel] = x[sel] if n == 1 else repeat_sum(x[sel], int(n))
-    return out
-
-
 def _unique_rows(*columns: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows of small non-negative integer columns ``(values, bound)``.
 
@@ -569,11 +520,9 @@ def fixed_decode_arrays(
 
     All sequences finish together, so ``deterministic_decode`` has one active
     segment (the others have zero steps and cost exactly 0) and every query's
-    decode time is that segment's time; ``query_time_s`` is numpy's mean of ``Q``
-    equal values (:func:`repeat_sum` / ``Q``).  With ``shared_prefix`` (prefix
-    caching and ``N > 1``) the ``Q`` queries' samples share their prompt's KV reads
-    (``segment_cost``'s ``groups``); the per-query time is that same segment's
-    (``decode_time_per_query_s`` prices the sharing too).
+    decode time is the phase's time.  With ``shared_prefix`` (prefix caching and
+    ``N > 1``) the ``Q`` queries' samples share their prompt's KV reads
+    (``segment_cost``'s ``groups``).
     """
     n = (n_queries * samples).astype(float)
     steps = np.maximum(output_tokens - 1.0, 0.0)
@@ -584,12 +533,9 @@ def fixed_decode_arrays(
         p_shared = np.where(shared, prompt, 0.0)
         groups = np.where(shared, np.where(steps > 0, n_queries.astype(float), 0.0), n)
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak, p_shared, groups)
-        t_query = t.copy()
     else:
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak)
-        t_query = t
-    per_query = _repeat_sum_by(t_query, n_queries) / n_queries.astype(float)
-    q_time = np.where(steps > 0, per_query, 0.0)
+    q_time = np.where(steps > 0, t, 0.0)
     peak_out = decode_peak_power_w(c, n, prompt, output_tokens, output_tokens)
     return PhaseArrays(t, q_time, e, e_dyn, peak_out, np.zeros(t.shape, dtype=bool))
 
@@ -604,7 +550,8 @@ def score_arrays(c: PassCoefficients, tokens: np.ndarray, pairs: np.ndarray) -> 
 def fixed_score_totals(prompt: np.ndarray, output_tokens: np.ndarray, n: np.ndarray):
     """``score_phase``'s tokens and pairs for ``n`` candidates of one fixed length."""
     seq = prompt + output_tokens
-    return _repeat_sum_by(seq, n), _repeat_sum_by(seq * (seq + 1) / 2, n)
+    nf = n.astype(float)
+    return nf * seq, nf * (seq * (seq + 1) / 2)
 
 
 def random_score_totals(prompt: np.ndarray, m1: np.ndarray, m2: np.ndarray, n: np.ndarray):

@@ -159,21 +159,25 @@ def _num(v, fmt: str) -> str:
 @click.command("metrics")
 @_workload_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Monte-Carlo seed.")
-@click.option("--draws", default=2000, show_default=True, type=int,
-              help="Monte-Carlo draws for percentiles (and means without an exact form).")
+@click.option("--draws", default=None, type=int,
+              help="Monte-Carlo draws for percentiles and means without an exact form "
+                   "(default: 2000 for such means, fewer for heavy percentiles; see predict()).")
+@click.option("--percentiles", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Monte-Carlo p50/p90/p99 of random workloads (off skips their draws).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a histogram PNG of per-query energy over the draws.")
 @_friendly
-def metrics(hw, model, strategies, seed, draws, as_json, csv_path, plot_path, **kw) -> None:
+def metrics(hw, model, strategies, seed, draws, percentiles, as_json, csv_path, plot_path,
+            **kw) -> None:
     """Energy-per-token metrics of one or more strategies, side by side."""
     from ttcsim.metrics import energy_samples, metrics_table
 
     specs = _strategies(strategies)
     kw["tp"] = _int_option(kw["tp"], "--tp")
     frame = metrics_table(specs, hw=_names(hw), model=_names(model), seed=seed, draws=draws,
-                          **kw)
+                          percentiles=percentiles == "on", **kw)
     if csv_path:
         from ttcsim.io import atomic_write_text
 
@@ -185,7 +189,8 @@ def metrics(hw, model, strategies, seed, draws, as_json, csv_path, plot_path, **
             from ttcsim.errors import TtcsimError
 
             raise TtcsimError("the histogram takes one --hw and one --model", "--plot")
-        samples = energy_samples(specs, hw=hw, model=model, seed=seed, draws=draws, **kw)
+        samples = energy_samples(specs, hw=hw, model=model, seed=seed,
+                                 **({} if draws is None else {"draws": draws}), **kw)
         plot_energy_histogram(samples, plot_path)
     if as_json:
         click.echo(json.dumps(json.loads(frame.to_json(orient="records")), indent=2))

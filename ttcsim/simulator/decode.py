@@ -353,10 +353,11 @@ def decode_draws(
         c, batch, prompt_tokens + bounds[:, :-1] + 1.0, np.diff(bounds, axis=1), shared, groups
     )
     cumulative = np.cumsum(t, axis=1)
-    idx = np.clip(
-        np.array([np.searchsorted(steps[i], last[i], side="right") - 1 for i in range(draws)]),
-        0,
-        n - 1,
-    )
+    # per row, searchsorted(steps[i], last[i], side="right") - 1, as one search over
+    # rows laid end to end (row i shifted by i * span; exact: integers below 2^53)
+    span = float(steps[:, -1].max()) + 1.0 if n else 1.0
+    shift = (np.arange(draws, dtype=float) * span)[:, None]
+    found = np.searchsorted((steps + shift).ravel(), (last + shift).ravel(), side="right")
+    idx = np.clip(found.reshape(last.shape) - np.arange(draws)[:, None] * n - 1, 0, n - 1)
     q_time = np.where(last > 0, np.take_along_axis(cumulative, idx, axis=1), 0.0)
     return t.sum(axis=1), e_dyn.sum(axis=1), e.sum(axis=1), q_time

@@ -211,12 +211,14 @@ def decode_phase(
     if isinstance(lengths, LengthList) or getattr(lengths, "is_fixed", False):
         if isinstance(lengths, LengthList):
             values = _expand(lengths, n_queries, samples, "--output-tokens")
-        else:
+            cost = deterministic_decode(c, prompt_tokens, values, samples, shared_prefix)
+            q_time = float(
+                decode_time_per_query_s(c, prompt_tokens, values, samples, shared_prefix).mean()
+            )
+        else:  # one length: every query finishes with the batch
             values = np.full(n, float(lengths.tokens))
-        cost = deterministic_decode(c, prompt_tokens, values, samples, shared_prefix)
-        q_time = float(
-            decode_time_per_query_s(c, prompt_tokens, values, samples, shared_prefix).mean()
-        )
+            cost = deterministic_decode(c, prompt_tokens, values, samples, shared_prefix)
+            q_time = cost.time_s
     elif isinstance(lengths, LengthDistribution):
         cost, q_time = expected_decode(
             c, prompt_tokens, lengths.survival_steps(), n, samples, shared_prefix
@@ -311,9 +313,10 @@ def score_phase(
     elif isinstance(lengths, LengthList) or getattr(lengths, "is_fixed", False):
         if isinstance(lengths, LengthList):
             seq = prompt_tokens + _expand(lengths, n_queries, candidates, "--output-tokens")
-        else:
-            seq = np.full(n, prompt_tokens + float(lengths.tokens))
-        tokens, pairs = seq.sum(), attention_pairs(c, seq).sum()
+            tokens, pairs = seq.sum(), attention_pairs(c, seq).sum()
+        else:  # n equal candidates: n * v, as the sweep sums them
+            seq = prompt_tokens + float(lengths.tokens)
+            tokens, pairs = n * seq, n * float(attention_pairs(c, seq))
     else:
         m1, m2 = lengths.mean(), lengths.second_moment()
         p = prompt_tokens

@@ -58,6 +58,8 @@ def solve_clock_scale(time_at, mem_energy_j, comp_energy_j, static_power_w, limi
 
     scale = mem + comp  # g's scale [J]
     every = np.arange(mem.size)
+    if mem.size == 1:  # one pass: the same steps in Python floats (same roundings)
+        return _solve_one(g, every, float(scale[0]))
     a = np.full(mem.size, MIN_CLOCK_SCALE)
     b = np.ones(mem.size)
     ga = g(a, every)
@@ -89,6 +91,42 @@ def solve_clock_scale(time_at, mem_energy_j, comp_energy_j, static_power_w, limi
             live, a, b, ga, gb, last = (v[keep] for v in (live, a, b, ga, gb, last))
     out[live] = a  # not converged within the cap: the lower end (power under the limit)
     return out
+
+
+def _solve_one(g, every, scale: float) -> np.ndarray:
+    """:func:`solve_clock_scale`'s loop for a single pass, without array overhead.
+
+    Every arithmetic step is the vector loop's, on Python floats (IEEE doubles,
+    rounded alike), so the result is the same to the bit.
+    """
+
+    def at(s: float) -> float:
+        return float(g(np.array([s]), every)[0])
+
+    a, b = MIN_CLOCK_SCALE, 1.0
+    ga, gb = at(a), at(b)
+    if not ga < 0:  # over the limit even at the lowest clock
+        return np.array([a])
+    last = 0  # end replaced last time: +1 upper, -1 lower
+    for _ in range(MAX_CLOCK_STEPS):
+        c = b - gb * (b - a) / (gb - ga)
+        if not (c > a and c < b):  # rounding guard
+            c = 0.5 * (a + b)
+        gc = at(c)
+        if gc > 0:  # the root is in [a, c]: c replaces the upper end
+            if last == 1:
+                m_a = 1.0 - gc / gb
+                ga = ga * (m_a if m_a > 0 else 0.5)
+            gb, b, last = gc, c, 1
+        else:
+            if last == -1:
+                m_b = 1.0 - gc / ga
+                gb = gb * (m_b if m_b > 0 else 0.5)
+            ga, a, last = gc, c, -1
+        small = abs(gc) <= CLOCK_TOLERANCE * scale
+        if (b - a) < CLOCK_TOLERANCE or small:
+            return np.array([c if small else a])
+    return np.array([a])  # not converged within the cap: the lower end
 
 
 def average_power_w(energy_j, time_s):

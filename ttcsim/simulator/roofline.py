@@ -104,7 +104,7 @@ def smooth_roofline(a, b, p: float):
     if p >= 64:
         return hi
     lo = np.minimum(a, b)
-    ratio = np.divide(lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    ratio = lo / np.where(hi > 0, hi, 1.0)  # 0 where both are 0
     return hi * np.power(1.0 + np.power(ratio, p), 1.0 / p)
 
 
