@@ -138,3 +138,16 @@ def test_validate_steady_state_record_reports_per_request_energy_and_tpot(tmp_pa
     assert row["latency_s"] is None
     r = CliRunner().invoke(main, ["validate", "--runs", str(path)])
     assert r.exit_code == 0 and "TPOT" in r.output
+
+
+def test_record_engine_with_extra_settings_key_and_top_level_max_num_seqs():
+    from ttcsim.calibration.validate import record_engine
+
+    r = RunRecord(hw="h200", model="8b", prompt_tokens=100, output_tokens=[10], energy_j=5.0,
+                  latency_s=1.0, engine={"name": "hf-transformers", "batching": "static-padded"},
+                  engine_settings={"attn_implementation": "sdpa"})
+    assert record_engine(r).name == "hf-transformers"
+    r = RunRecord(hw="a100", model="8b", prompt_tokens=100, output_tokens=[10], energy_j=5.0,
+                  latency_s=1.0, engine="vllm", max_num_seqs=32)
+    assert record_engine(r).batching.max_num_seqs == 32
+    assert record_engine(r, "reference").batching.policy == "continuous"  # settings kept

@@ -370,3 +370,55 @@ def test_cli_engine_yaml_path(tmp_path):
     r = invoke("predict", "--engine", str(path), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["engine"] == "mine"
+
+
+# --------------------------------------------------------------------------- sweep, commands
+
+
+def test_sweep_engine_axis_equals_predict(tmp_path):
+    import warnings
+
+    from ttcsim.engines import engine_to_yaml
+    from ttcsim.sweep import SlowPathWarning, sweep
+
+    lockstep = engine(host={"step_s": 0.004, "per_layer_s": 2e-5, "gap_power_fraction": 0.3},
+                      kernels={"graph_batch_buckets": [1, 2, 4, 8, 16, 32, 64]})
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(engine_to_yaml(lockstep))
+    grid = {"hw": "h100", "model": "8b", "engine": ["reference", str(path), "hf"],
+            "strategy": ["single", "vote4"], "concurrency": [1, 24],
+            "output_tokens": [300, "lognormal:median=300,sigma=0.5,max=2000"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = sweep(grid)
+    slow = [str(w.message) for w in caught if issubclass(w.category, SlowPathWarning)]
+    assert any("hf-transformers" in m for m in slow)
+    assert not any("test" in m for m in slow)  # a lock-step engine runs the kernels
+    for _, r in df.iterrows():
+        name = {"test": str(path)}.get(r.engine, r.engine)
+        p = predict(hw="h100", model="8b", engine=name, strategy=r.strategy,
+                    output_tokens=r.output_tokens_spec, concurrency=int(r.concurrency),
+                    percentiles=False)
+        assert (p.energy_j, p.latency_s) == (r.energy_j, r.latency_s)
+
+
+@pytest.mark.parametrize("args", [
+    ("metrics", "--strategy", "vote4", "--json"),
+    ("curve", "--vary", "output-tokens=256,512"),
+    ("pareto", "--accuracy", "self-consistency"),
+])
+def test_engine_option_on_commands(args):
+    ref = invoke(*args)
+    hf = invoke(*args, "--engine", "hf")
+    assert ref.exit_code == 0 and hf.exit_code == 0, hf.output
+    assert ref.output != hf.output
+    bad = invoke(*args, "--engine", "tgi")
+    assert bad.exit_code == 2 and "unknown engine" in bad.output
+
+
+def test_top_level_api_has_engines():
+    import ttcsim
+
+    assert ttcsim.get_engine("vllm").name == "vllm-0.5"
+    s = ttcsim.steady_state(hw="a100", model="8b", engine="vllm", running_batch=64)
+    assert s.running_batch == 64 and s.tpot_s > 0 and s.energy_per_request_j > 0

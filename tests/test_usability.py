@@ -488,3 +488,18 @@ def test_sweep_default_plot_renders(tmp_path):
     r = invoke("sweep", grid, "--out", out, "--plot", png)
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == PNG
+
+
+def test_yaml_uses_the_c_loader_and_keeps_line_numbers():
+    import yaml
+
+    from ttcsim import io
+    from ttcsim.errors import TtcsimError
+
+    if getattr(yaml, "__with_libyaml__", False):
+        assert issubclass(io._UniqueKeyLoader, yaml.CSafeLoader)
+    with pytest.raises(TtcsimError, match=r"^p\.yaml:4: invalid YAML .*duplicate key 'b'"):
+        io.parse_yaml("a: 1\nb:\n  c: 2\nb: 3\n", "p.yaml")
+    with pytest.raises(TtcsimError, match=r"^p\.yaml:3: invalid YAML"):
+        io.parse_yaml("a: [1,\nb: 2\n", "p.yaml")
+    assert io.parse_yaml("a: {b: [1, 2.5, x]}\n", "p.yaml") == {"a": {"b": [1, 2.5, "x"]}}

@@ -5,6 +5,8 @@ The Python API mirrors the CLI::
     import ttcsim
     r = ttcsim.predict(hw="h100", model="8b", strategy="vote5")
     r.energy_j, r.latency_s
+    ttcsim.predict(hw="h200", model="8b", strategy="vote8", engine="hf-transformers")
+    ttcsim.steady_state(hw="a100", model="8b", engine="vllm", running_batch=128)
 
 Everything is imported on first use (PEP 562 ``__getattr__``), so ``ttcsim
 --help`` loads neither numpy nor pydantic.  ``ttcsim.predict`` is always the
@@ -20,7 +22,10 @@ import types
 
 __version__ = "0.1.0"
 
-__all__ = ["predict", "Prediction", "get_profile", "get_model", "parse_strategy"]
+__all__ = [
+    "predict", "Prediction", "get_profile", "get_model", "parse_strategy", "get_engine",
+    "steady_state",
+]
 
 _LAZY = {
     "predict": "ttcsim.predict",
@@ -28,6 +33,8 @@ _LAZY = {
     "get_profile": "ttcsim.hardware",
     "get_model": "ttcsim.models",
     "parse_strategy": "ttcsim.strategies",
+    "get_engine": "ttcsim.engines",
+    "steady_state": "ttcsim.engines.steady",
 }
 
 

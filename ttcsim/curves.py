@@ -181,6 +181,10 @@ def operating_curve(
     from ttcsim.predict import predict
     from ttcsim.strategies import parse_strategy
 
+    if predict_kw.get("engine") is not None:  # an unknown engine fails once, not per point
+        from ttcsim.engines import get_engine
+
+        predict_kw["engine"] = get_engine(predict_kw["engine"])
     tp = predict_kw.pop("tp", 1)
     auto = isinstance(tp, str) and tp.strip().lower() == "auto"
     if isinstance(tp, str) and not auto:

@@ -422,6 +422,7 @@ def plan(
     queries: int = DEFAULT_QUERIES,
     seed: int = 0,
     curves: bool = False,
+    engine=None,
 ) -> Plan:
     """Plan a deployment: per option the fewest GPUs meeting every SLO, and its costs.
 
@@ -439,9 +440,18 @@ def plan(
     trace : CSV of ``arrival_s[, prompt_tokens, output_tokens]`` instead of Poisson
     queries : measured queries per simulated load (more: smoother percentiles, slower)
     curves : also compute energy and cost against QPS for plotting
+    engine : engine profile (:mod:`ttcsim.engines`); its host time, kernels,
+        usable memory and prefix sharing price the passes, while the serving
+        scheduler (:class:`ttcsim.serving.Scheduler`, continuous batching with
+        ``max_batch``/``chunk_tokens``) schedules them whatever the engine's policy
     """
+    from ttcsim.engines import get_engine
+    from ttcsim.engines.physics import shares_prefix
     from ttcsim.strategies import parse_strategy
 
+    eng = get_engine(engine)
+    eng = None if eng.is_reference else eng
+    prefix_cache = shares_prefix(eng, prefix_cache)
     slo = slo or Slo()
     prices = prices or Prices()
     scheduler = Scheduler(max_batch=max_batch, chunk_tokens=chunk_tokens, prefix_cache=prefix_cache)
@@ -504,7 +514,7 @@ def plan(
     reward_cache: dict = {}
     for profile in profiles:
         for k in tps:
-            c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, k)
+            c = pass_coefficients(profile, spec, weight_dtype, kv_dtype, k, eng)
             reason = dtype_problem(profile, weight_dtype) or tensor_parallel_problem(spec, k)
             cause = "setup"
             workspace = _workspace_bytes(spec, c, scheduler)
@@ -536,7 +546,7 @@ def plan(
                 key = (profile.name, name, k)
                 if key not in reward_cache:
                     reward_cache[key] = pass_coefficients(
-                        profile, get_model(name), weight_dtype, kv_dtype, k
+                        profile, get_model(name), weight_dtype, kv_dtype, k, eng
                     )
                 return reward_cache[key]
 

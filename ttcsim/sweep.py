@@ -45,6 +45,7 @@ import numpy as np
 
 from ttcsim.deployment import dtype_problem, tensor_parallel_problem
 from ttcsim.distributions import LengthList, parse_lengths
+from ttcsim.engines import EngineProfile, get_engine
 from ttcsim.errors import DoesNotFitError, TtcsimError
 from ttcsim.hardware import HardwareProfile, get_profile
 from ttcsim.models import ModelSpec, get_model
@@ -68,7 +69,7 @@ from ttcsim.strategies import BestOfN, Single, Strategy, Vote, parse_strategy
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
 
 #: Deployment axes: one set of pass coefficients per combination.
-GROUP_AXES = ("hw", "model", "weight_dtype", "kv_dtype", "tp", "reward_model")
+GROUP_AXES = ("hw", "model", "weight_dtype", "kv_dtype", "tp", "reward_model", "engine")
 #: Scenario axes evaluated as numpy arrays within a group (last varies fastest).
 INNER_AXES = ("strategy", "output_tokens", "prefix_cache", "concurrency", "prompt_tokens")
 #: Settings that are one value for the whole grid.
@@ -305,6 +306,9 @@ class Grid:
                 resolve("reward_model", get_model, rm)
         axes["reward_model"] = tuple(rms)
         labels["reward_model"] = tuple("" if r is None else r for r in rms)
+        engines = [resolve("engine", get_engine, v)
+                   for v in _as_list(raw["engine"], where("engine"))]
+        axes["engine"], labels["engine"] = tuple(engines), tuple(e.name for e in engines)
         strategies = []
         for spec in _strategy_items(raw["strategy"], where("strategy")):
             strategies.append(resolve("strategy", parse_strategy, spec))
@@ -619,6 +623,7 @@ COLUMNS: dict[str, str] = {
     "tp": "int64",
     "gpus": "int64",
     "reward_model": "category",
+    "engine": "category",
     "strategy": "category",
     "samples": "int64",
     "output_tokens_spec": "category",
@@ -670,6 +675,22 @@ class _Group:
     codes: dict
     #: why no engine could run this deployment (tp or dtype; ttcsim.deployment)
     problem: str | None = None
+    engine: EngineProfile | None = None  #: None: the reference engine
+
+    @property
+    def vectorised_engine(self) -> bool:
+        """Whether the kernels price this engine: its terms all live in the coefficients.
+
+        True for the reference engine and for lock-step engines with static KV,
+        unsplit prefills and prefix sharing; others take the slow path
+        (``predict()`` per scenario), so sweep and predict agree by construction.
+        """
+        e = self.engine
+        return e is None or (
+            e.batching.policy == "lockstep" and e.kv_cache.allocation == "static"
+            and not e.prefill.max_tokens_per_pass
+            and e.prefix.share_parallel_prefill and e.prefix.prefix_caching
+        )
 
 
 @dataclass
@@ -795,6 +816,7 @@ class Sweeper:
             "weight_dtype": list(lab["weight_dtype"]),
             "kv_dtype": list(self._kv_labels),
             "reward_model": list(lab["reward_model"]),
+            "engine": list(lab["engine"]),
             "strategy": list(lab["strategy"]),
             "output_tokens_spec": list(lab["output_tokens"]),
             "status": list(STATUS),
@@ -811,11 +833,11 @@ class Sweeper:
 
     # -- groups ---------------------------------------------------------------
 
-    def _coefficients(self, profile, spec, wdt, kdt, tp) -> PassCoefficients:
-        key = (profile.name, id(profile), spec.name, id(spec), wdt, kdt, tp)
+    def _coefficients(self, profile, spec, wdt, kdt, tp, engine=None) -> PassCoefficients:
+        key = (profile.name, id(profile), spec.name, id(spec), wdt, kdt, tp, id(engine))
         hit = self._coeff_cache.get(key)
         if hit is None:
-            hit = pass_coefficients(profile, spec, wdt, kdt, tp)
+            hit = pass_coefficients(profile, spec, wdt, kdt, tp, engine)
             self._coeff_cache[key] = hit
         return hit
 
@@ -824,23 +846,26 @@ class Sweeper:
             return self._group_cache[1]
         digits = np.unravel_index(g, self._group_shape)
         ax = self.grid.axes
-        hi, mi, wi, ki, ti, ri = (int(d) for d in digits)
+        hi, mi, wi, ki, ti, ri, ei = (int(d) for d in digits)
         profile, spec = ax["hw"][hi], ax["model"][mi]
         wdt, tp, rm = ax["weight_dtype"][wi], ax["tp"][ti], ax["reward_model"][ri]
         kdt = ax["kv_dtype"][ki] or ("fp8" if wdt == "fp8" else "bf16")
-        c = self._coefficients(profile, spec, wdt, kdt, tp)
-        reward = c if rm is None else self._coefficients(profile, get_model(rm), wdt, kdt, tp)
+        eng = None if ax["engine"][ei].is_reference else ax["engine"][ei]
+        c = self._coefficients(profile, spec, wdt, kdt, tp, eng)
+        reward = c if rm is None else self._coefficients(profile, get_model(rm), wdt, kdt, tp,
+                                                         eng)
         codes = {
             "hw": hi,
             "model": mi,
             "weight_dtype": wi,
             "kv_dtype": self._kv_labels.index(kdt),
             "reward_model": ri,
+            "engine": ei,
         }
         problem = dtype_problem(profile, wdt) or tensor_parallel_problem(spec, tp)
         if problem is None and rm is not None:
             problem = tensor_parallel_problem(get_model(rm), tp)
-        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes, problem)
+        group = _Group(profile, spec, c, reward, wdt, kdt, tp, rm, codes, problem, eng)
         self._group_cache = (g, group)
         return group
 
@@ -920,7 +945,7 @@ class Sweeper:
         ctx_ok = prompt_i + max_len <= spec.max_context_tokens
         fits = ctx_ok & ~(need > c.memory_capacity_bytes)
         kind = plan.length_kind[oi]
-        fast = plan.vectorised_strategy[si] & (kind != 2)
+        fast = plan.vectorised_strategy[si] & (kind != 2) & group.vectorised_engine
         out["fits"][sl] = fits
         out["status"][sl] = np.where(ctx_ok, np.where(fits, 0, 1), 2)
 
@@ -1110,7 +1135,7 @@ class Sweeper:
         reasons = {
             labels["strategy"][s] if not plan.vectorised_strategy[s] else labels["output_tokens"][o]
             for s, o in zip(si.tolist(), oi.tolist(), strict=True)
-        }
+        } if group.vectorised_engine else {f"engine {group.engine.name}"}
         for reason in sorted(reasons - self._warned):
             self._warned.add(reason)
             warnings.warn(
@@ -1130,7 +1155,7 @@ class Sweeper:
                     tp=group.tp, weight_dtype=group.weight_dtype, kv_dtype=group.kv_dtype,
                     prefix_cache=bool(ax["prefix_cache"][cc]), reward_model=group.reward_model,
                     pue=grid.pue, carbon_g_per_kwh=grid.carbon_g_per_kwh,
-                    usd_per_kwh=grid.usd_per_kwh, percentiles=False,
+                    usd_per_kwh=grid.usd_per_kwh, percentiles=False, engine=group.engine,
                 )
             except DoesNotFitError:
                 out["fits"][row] = False

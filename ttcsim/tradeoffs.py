@@ -128,7 +128,7 @@ class Option(BaseModel):
         return (self.model, self.strategy, self.max_output_tokens)
 
 
-def _predict_row(row: AccuracyRow, hw, lengths: LengthSpec, where: str):
+def _predict_row(row: AccuracyRow, hw, lengths: LengthSpec, where: str, engine=None):
     from ttcsim.predict import predict
 
     tps = (row.tp,) if row.tp else TP_CANDIDATES
@@ -145,6 +145,7 @@ def _predict_row(row: AccuracyRow, hw, lengths: LengthSpec, where: str):
                 weight_dtype=row.weight_dtype,
                 reward_model=row.reward_model,
                 percentiles=False,
+                engine=engine,
             )
         except DoesNotFitError as exc:
             if i == len(tps) - 1:
@@ -155,7 +156,8 @@ def _predict_row(row: AccuracyRow, hw, lengths: LengthSpec, where: str):
 
 
 def evaluate_row(
-    row: AccuracyRow, hw, where: str, cap: int | None = None, accuracy_pct: float | None = None
+    row: AccuracyRow, hw, where: str, cap: int | None = None, accuracy_pct: float | None = None,
+    engine=None,
 ) -> Option:
     """Energy of one row through ``predict``; ``cap`` overrides the row's own cap.
 
@@ -183,7 +185,7 @@ def evaluate_row(
         source = "truncation model"
     if effective_cap is not None:
         lengths = cap_lengths(lengths, effective_cap)
-    p = _predict_row(row, hw, lengths, where)
+    p = _predict_row(row, hw, lengths, where, engine)
     cap_text = f" cap {effective_cap}" if effective_cap else ""
     return Option(
         label=f"{row.model} {row.strategy}{cap_text}",
@@ -205,7 +207,8 @@ def evaluate_row(
 
 
 def evaluate_table(
-    table: AccuracyTable, hw, benchmark: str | None = None, caps: Sequence[int] = ()
+    table: AccuracyTable, hw, benchmark: str | None = None, caps: Sequence[int] = (),
+    engine=None,
 ) -> list[Option]:
     """Every row (of ``benchmark`` if given) as an option, plus truncation-model variants.
 
@@ -216,11 +219,12 @@ def evaluate_table(
     for i, row in enumerate(table.rows):
         if benchmark is not None and row.benchmark != benchmark:
             continue
-        options.append(evaluate_row(row, hw, table.location(i)))
+        options.append(evaluate_row(row, hw, table.location(i), engine=engine))
         if row.max_output_tokens is None and row.samples_per_query == 1:
             for cap in caps:
                 if cap < upper_length(row.lengths()):
-                    options.append(evaluate_row(row, hw, table.location(i), cap=cap))
+                    options.append(evaluate_row(row, hw, table.location(i), cap=cap,
+                                                engine=engine))
     return options
 
 
@@ -404,13 +408,15 @@ def frontier_of(benchmark: str, options: list[Option]) -> BenchmarkFrontier:
     )
 
 
-def pareto(table: AccuracyTable, hw="h100", benchmark: str | None = None) -> ParetoResult:
+def pareto(
+    table: AccuracyTable, hw="h100", benchmark: str | None = None, engine=None
+) -> ParetoResult:
     """Joules per query of every row, and the accuracy-energy frontier per benchmark."""
     from ttcsim.hardware import get_profile
 
     profile = get_profile(hw)
     bench = check_benchmark(table, benchmark)
-    options = evaluate_table(table, profile, bench)
+    options = evaluate_table(table, profile, bench, engine=engine)
     names = [bench] if bench else table.benchmarks
     return ParetoResult(
         table=table.name,
@@ -648,6 +654,7 @@ def route(
     benchmark: str | None = None,
     caps: Sequence[int] = (),
     sweep_points: int = 0,
+    engine=None,
 ) -> RouteResult:
     """Route each difficulty class to the option that serves the mix best.
 
@@ -667,7 +674,7 @@ def route(
     shares = parse_mix(mix) if isinstance(mix, str) else dict(mix)
     profile = get_profile(hw)
     bench = check_benchmark(table, benchmark)
-    options = evaluate_table(table, profile, bench, caps)
+    options = evaluate_table(table, profile, bench, caps, engine=engine)
     classes: list[list[Option]] = []
     known = sorted({_class_of(o) for o in options})
     for name in shares:
@@ -881,6 +888,7 @@ def depth(
     benchmark: str | None = None,
     caps: Sequence[int] | None = None,
     points: int = 24,
+    engine=None,
 ) -> DepthResult:
     """Accuracy per joule over output-token caps, and the cap that maximises it.
 
@@ -932,15 +940,17 @@ def depth(
     grid = sorted({c for c in wanted if c < longest} | {c for c, _ in table_points} | {longest})
     lengths = base.lengths()
     if base.tp is None:  # one deployment for every cap: the GPUs the longest cap needs
-        gpus = evaluate_row(base, profile, where, cap=longest, accuracy_pct=0.0).gpus
+        gpus = evaluate_row(base, profile, where, cap=longest, accuracy_pct=0.0,
+                            engine=engine).gpus
         base = base.model_copy(update={"tp": gpus})
     out = []
     for cap in grid:
         if curve == "saturating fit":
             accuracy = float(saturating_accuracy(cap, fit[0], fit[1]))
-            option = evaluate_row(base, profile, where, cap=cap, accuracy_pct=accuracy)
+            option = evaluate_row(base, profile, where, cap=cap, accuracy_pct=accuracy,
+                                  engine=engine)
         else:
-            option = evaluate_row(base, profile, where, cap=cap)
+            option = evaluate_row(base, profile, where, cap=cap, engine=engine)
         out.append(
             DepthPoint(
                 cap_tokens=cap,

@@ -119,7 +119,7 @@ class RunRecord(BaseModel):
         return self
 
     @property
-    def engine_settings(self):
+    def engine_spec(self):
         """The engine value with the top-level ``max_num_seqs`` folded in (None: reference)."""
         if self.max_num_seqs is None:
             return self.engine

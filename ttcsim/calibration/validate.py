@@ -38,7 +38,7 @@ def record_engine(run: RunRecord, engine=None) -> EngineProfile:
     profile the record names; the record's own settings (``max_num_seqs``,
     ``gpu_memory_utilization``...) still apply on top.
     """
-    value = run.engine_settings
+    value = run.engine_spec
     if engine is not None:
         if isinstance(value, dict):
             value = {**value, "name": get_engine(engine)}

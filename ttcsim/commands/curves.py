@@ -58,6 +58,9 @@ def _workload_options(fn):
                      help="Reward / verifier model for bon, prm-bon, beam (default: policy)."),
         click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
                      help="Share prompt prefills and KV between samples."),
+        click.option("--engine", default=None,
+                     help="Engine profile: reference (default), hf-transformers, vllm, or a "
+                          "YAML path (see `ttcsim engines list`)."),
     ]
     for option in reversed(options):
         fn = option(fn)

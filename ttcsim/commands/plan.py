@@ -277,6 +277,12 @@ def _print_plan(p) -> None:
     type=click.IntRange(0, 2**63 - 1),
     help="Seed of lengths and arrivals.",
 )
+@click.option(
+    "--engine",
+    default=None,
+    help="Engine profile (host time, kernels, memory; plan's own continuous-batching "
+    "scheduler runs the passes): reference (default), hf-transformers, vllm, or a YAML path.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
     "--plot",

@@ -63,6 +63,7 @@ def _cap(value: int | None) -> str:
     return str(value) if value else "-"
 
 
+_ENGINE_HELP = "Engine profile: reference (default), hf-transformers, vllm, or a YAML path."
 _ACCURACY_HELP = (
     "Accuracy table: a bundled name (deepseek-r1-distill, self-consistency) or a YAML/CSV path."
 )
@@ -84,15 +85,17 @@ _ACCURACY_HELP = (
     help="Write a PNG of the frontier.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--engine", default=None, help=_ENGINE_HELP)
 @_friendly
 def pareto_cmd(
-    accuracy: str, hw: str, benchmark: str | None, plot_path: str | None, as_json: bool
+    accuracy: str, hw: str, benchmark: str | None, plot_path: str | None, as_json: bool,
+    engine: str | None = None,
 ) -> None:
     """Accuracy-energy frontier of the options in an accuracy table."""
     from ttcsim.accuracy import load_accuracy_table
     from ttcsim.tradeoffs import pareto
 
-    result = pareto(load_accuracy_table(accuracy), hw, benchmark)
+    result = pareto(load_accuracy_table(accuracy), hw, benchmark, engine=engine)
     if plot_path:
         from ttcsim.plot_tradeoffs import plot_pareto
 
@@ -108,20 +111,18 @@ def pareto_cmd(
             f"\nbenchmark {bench.benchmark}: {len(bench.options)} options, "
             f"{sum(bench.on_frontier)} on the frontier (*)"
         )
+        from ttcsim.console import render_table
+
         width = max(len(o.model) for o in bench.options)
-        click.echo(
-            f"  {'model':<{width}}  {'strategy':<8} {'cap':>6} {'accuracy':>9} "
-            f"{'energy/query':>13} {'GPUs':>4}"
-        )
         rows = sorted(
             zip(bench.options, bench.on_frontier, strict=True), key=lambda of: of[0].energy_j
         )
-        for o, front in rows:
-            click.echo(
-                f"  {o.model:<{width}}  {o.strategy:<8} {_cap(o.max_output_tokens):>6} "
-                f"{o.accuracy_pct:8.1f}% {_energy(o.energy_j):>13} {o.gpus:>4}"
-                + ("  *" if front else "")
-            )
+        click.echo(render_table(
+            ["model", "strategy", "cap", "accuracy", "energy/query", "GPUs", ""],
+            [[o.model, o.strategy, _cap(o.max_output_tokens), f"{o.accuracy_pct:.1f}%",
+              _energy(o.energy_j), str(o.gpus), "*" if front else ""] for o, front in rows],
+            align="<<>>>><", indent="  ",
+        ))
         click.echo("  cheapest option for each accuracy level:")
         for level in bench.cheapest_by_level:
             click.echo(
@@ -176,9 +177,10 @@ def pareto_cmd(
     help="Write a PNG of the router's curve vs fixed choices.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--engine", default=None, help=_ENGINE_HELP)
 @_friendly
 def route_cmd(
-    accuracy, hw, mix, budget, target, benchmark, caps, sweep, plot_path, as_json
+    accuracy, hw, mix, budget, target, benchmark, caps, sweep, plot_path, as_json, engine=None
 ) -> None:
     """Energy-aware routing: one option per difficulty class, solved exactly."""
     from ttcsim.accuracy import load_accuracy_table
@@ -199,6 +201,7 @@ def route_cmd(
         benchmark=benchmark,
         caps=_caps(caps),
         sweep_points=points,
+        engine=engine,
     )
     if plot_path:
         from ttcsim.plot_tradeoffs import plot_route
@@ -282,8 +285,11 @@ def route_cmd(
     help="Write a PNG of the curve.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--engine", default=None, help=_ENGINE_HELP)
 @_friendly
-def depth_cmd(accuracy, hw, model, strategy, benchmark, caps, points, plot_path, as_json) -> None:
+def depth_cmd(
+    accuracy, hw, model, strategy, benchmark, caps, points, plot_path, as_json, engine=None
+) -> None:
     """Reasoning depth: the output-token cap with the best accuracy per joule."""
     from ttcsim.accuracy import load_accuracy_table
     from ttcsim.tradeoffs import depth
@@ -296,6 +302,7 @@ def depth_cmd(accuracy, hw, model, strategy, benchmark, caps, points, plot_path,
         benchmark,
         caps=_caps(caps) or None,
         points=points,
+        engine=engine,
     )
     if plot_path:
         from ttcsim.plot_tradeoffs import plot_depth
