@@ -433,7 +433,7 @@ def test_cli_table_marks_cheapest_and_recommends():
     assert res.exit_code == 0, res.output
     assert "recommended:" in res.output and "$" in res.output
     assert "h100-sxm-80gb tp1" in res.output and "a100-sxm-80gb tp2" in res.output
-    assert "datasheet-default" in res.output
+    assert "transferred (not calibrated) profiles: a100-sxm-80gb" in res.output
 
 
 def test_cli_json_has_the_documented_fields():

@@ -252,6 +252,8 @@ def test_profile_sources_cover_exactly_the_datasheet(name):
         "power_limit_w",
         "interconnect_bandwidth_bytes_per_s",
     } | {f"peak_flops_per_s.{d}" for d in ds.peak_flops_per_s}
+    if ds.min_power_limit_w is not None:
+        keys.add("min_power_limit_w")
     sources = profile.provenance.datasheet_sources
     assert set(sources) == keys
     assert all(len(text) > 10 for text in sources.values())
@@ -261,10 +263,9 @@ def test_profile_sources_cover_exactly_the_datasheet(name):
 def test_datasheet_default_parameters_follow_the_rule(name):
     """Shipped defaults equal default_parameters(datasheet, idle) to 4 significant digits."""
     profile = get_profile(name)
-    if profile.calibrated:
-        pytest.skip("calibrated profile")
+    if profile.provenance.parameters.status != "datasheet-default":
+        pytest.skip(profile.provenance.parameters.status)
     info = profile.provenance.parameters
-    assert info.status == "datasheet-default"
     assert info.method.startswith("ttcsim.simulator.defaults rule; idle power from ")
     expected = default_parameters(profile.datasheet, profile.parameters.idle_power_w)
     for field, value in expected.model_dump().items():
@@ -564,3 +565,52 @@ def test_datasheet_profiles_are_what_the_generator_writes(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--check"]) == 0, capsys.readouterr().out
     assert "kept" in capsys.readouterr().out  # the calibrated H100 is not regenerated
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_transferred_parameters_follow_the_transfer_rule(name):
+    """Shipped transferred profiles equal ttcsim.transfer's rule applied to their source."""
+    from ttcsim.transfer import FAMILIES, transfer_parameters
+
+    profile = get_profile(name)
+    info = profile.provenance.parameters
+    if info.status != "transferred":
+        pytest.skip(info.status)
+    source = get_profile(info.transfer.source_profile)
+    assert source.calibrated
+    idle = profile.parameters.idle_power_w
+    published = "published" in info.transfer.parameters["idle_power_w"].rule
+    expected, record = transfer_parameters(
+        source, FAMILIES[source.name], profile.datasheet, FAMILIES[name],
+        idle if published else None,
+    )
+    assert record.distance == info.transfer.distance
+    for field, value in expected.model_dump().items():
+        assert math.isclose(getattr(profile.parameters, field), value, rel_tol=1e-3), field
+    assert info.band is not None and info.band.energy_ape > 0
+
+
+def test_transfer_rule_hand_computed_h100_to_a100():
+    """One parameter by hand: A100 HBM energy per byte from the calibrated H100.
+
+    e_A100 = e_H100 * (0.5 * HBM2e/HBM3 + 0.5 * N7/4N) = e * (0.5 * 1.10 + 0.5 / 0.70);
+    layer overhead = t_H100 * 1980 / 1410 MHz; idle = published 63 W.
+    """
+    from ttcsim.transfer import FAMILIES, transfer_parameters
+
+    h100 = get_profile("h100")
+    a100 = get_profile("a100-sxm-80gb")
+    params, record = transfer_parameters(
+        h100, FAMILIES["h100-sxm-80gb"], a100.datasheet, FAMILIES["a100-sxm-80gb"], 63.0
+    )
+    e = h100.parameters.hbm_energy_j_per_byte
+    assert params.hbm_energy_j_per_byte == pytest.approx(e * (0.55 + 0.5 / 0.70), rel=1e-12)
+    assert params.layer_overhead_s == pytest.approx(
+        h100.parameters.layer_overhead_s * 1980 / 1410, rel=1e-12)
+    assert params.compute_energy_j_per_flop == pytest.approx(
+        h100.parameters.compute_energy_j_per_flop / 0.70, rel=1e-12)
+    assert params.active_power_w == pytest.approx(h100.parameters.active_power_w * 400 / 700)
+    assert params.idle_power_w == 63.0
+    assert params.gemm_efficiency == h100.parameters.gemm_efficiency
+    assert record.distance == "cross-generation"
+    assert record.parameters["hbm_energy_j_per_byte"].source_value == e

@@ -118,7 +118,7 @@ def check_physical(r, profile: HardwareProfile) -> None:
     assert idle * (1 - tol) <= r.peak_power_w / r.gpus <= limit * (1 + tol)
     assert r.energy_j * r.concurrency >= idle * r.gpus * r.batch_latency_s * (1 - tol)
     assert 0 <= r.energy_dynamic_j <= r.energy_j * (1 + tol)
-    # a query's latency within its batch's (to 1e-3: see test_query_latency_within_batch_latency)
+    # a query's latency within its batch's (to 1e-3)
     assert r.latency_s <= r.batch_latency_s * (1 + 1e-3)
 
 

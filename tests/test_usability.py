@@ -408,7 +408,7 @@ def test_sweep_summary_json(tmp_path):
 
 def test_quiet_drops_notes_and_verbose_is_accepted():
     loud = invoke("predict", "--hw", "a100")
-    assert "note: a100-sxm-80gb uses datasheet-default" in loud.output
+    assert "note: a100-sxm-80gb uses parameters transferred" in loud.output
     hushed = invoke("--quiet", "predict", "--hw", "a100")
     assert hushed.exit_code == 0 and "note:" not in hushed.output
     assert hushed.output.splitlines()[:3] == loud.output.splitlines()[:3]

@@ -1,4 +1,4 @@
-"""Regenerate the datasheet-default hardware profiles in ``ttcsim/hardware_profiles/``.
+"""Regenerate the uncalibrated hardware profiles in ``ttcsim/hardware_profiles/``.
 
 Each GPU below holds its vendor datasheet figures (SI units: B, B/s, FLOP/s, W),
 a source for every figure, and an idle power [W] with where it comes from.  The
@@ -25,6 +25,7 @@ Conventions of the figures:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -32,10 +33,22 @@ from pathlib import Path
 
 import yaml
 
-from ttcsim.hardware import Datasheet, HardwareProfile, ModelParameters, load_profile_file
+from ttcsim.hardware import (
+    CalibrationInfo,
+    Datasheet,
+    ErrorBand,
+    HardwareProfile,
+    ModelParameters,
+    load_profile_file,
+)
 from ttcsim.simulator.defaults import default_parameters
+from ttcsim.transfer import FAMILIES, choose_source, transfer_parameters
+from ttcsim.uncertainty import DATASHEET_DEFAULT_BAND, transferred_band
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "ttcsim" / "hardware_profiles"
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE_DIR = ROOT / "ttcsim" / "hardware_profiles"
+#: Results of bench/transfer_check.py in both directions (the transferred bands).
+TRANSFER_CHECKS = ROOT / "validation" / "transfer_check.json"
 
 GIB_BYTES = 2**30
 GB_PER_S = 1e9
@@ -75,6 +88,8 @@ class GpuSpec:
     aliases: list[str] = field(default_factory=list)
     notes: str = ""
     vendor: str = "nvidia"
+    min_power_limit_w: float | None = None
+    min_power_source: str | None = None
 
 
 def _gib(n: float) -> float:
@@ -84,6 +99,34 @@ def _gib(n: float) -> float:
 def _capacity_source(doc: str, gb: int) -> str:
     return f"{doc}: {gb}GB; vendor GB of GPU memory is binary, stored as {gb} GiB"
 
+
+#: Lowest power limit each board accepts, with where the figure comes from.  The
+#: nvidia-smi records are ``nvidia-smi -q -d POWER`` outputs published in public
+#: GitHub repositories and logs (read with the project's code-search tool).
+_SMI = "nvidia-smi -q 'Min Power Limit' of {} in public logs: {:g} W (max {:g} W)"
+_HOPPER_ASSUMED = (
+    "assumed 200 W: H100 SXM and H200 boards report a 200 W minimum (nvidia-smi); no "
+    "record of this board was found"
+)
+MIN_POWER_LIMITS: dict[str, tuple[float, str]] = {
+    "a100-sxm-40gb": (100.0, _SMI.format("an A100 SXM4 board", 100, 400)),
+    "a100-sxm-80gb": (100.0, _SMI.format("an A100 SXM4 board", 100, 400)),
+    "a100-pcie-80gb": (150.0, _SMI.format("an 'NVIDIA A100 80GB PCIe'", 150, 300)),
+    "h100-sxm-80gb": (200.0, _SMI.format("H100 SXM5 boards", 200, 700)),
+    "h100-pcie-80gb": (200.0, _HOPPER_ASSUMED),
+    "h100-nvl-94gb": (200.0, _HOPPER_ASSUMED),
+    "h200-sxm-141gb": (
+        200.0, "nvidia-smi on the project's H200 (validation/h200-a/nvidia-smi.txt): "
+        "power.min_limit 200 W, power.max_limit 700 W",
+    ),
+    "l4": (40.0, _SMI.format("an L4 board", 40, 72)),
+    "l40s": (150.0, _SMI.format("an L40S board (2,520 MHz boost, 9,001 MHz GDDR6)", 150, 350)),
+    "b200": (
+        200.0, "assumed 200 W: a public nvidia-smi -q of a 1,000 W Blackwell module reads a "
+        "200 W module minimum; not confirmed for HGX B200",
+    ),
+    "mi300x": (225.0, "assumed 0.3 x the 750 W board power: no published minimum power cap found"),
+}
 
 A100_DOC = "NVIDIA A100 Tensor Core GPU datasheet (2021)"
 NVLINK3 = "NVLink 600 GB/s (third generation, both directions); one direction = 300 GB/s"
@@ -167,6 +210,8 @@ def _gpu(
 ) -> GpuSpec:
     """One :class:`GpuSpec` whose every datasheet figure cites ``doc``."""
     peak_values, peak_sources = peaks
+    low = MIN_POWER_LIMITS[name]
+    extra = {"min_power_limit_w": low[0], "min_power_source": low[1], **extra}
     return GpuSpec(
         name=name,
         display_name=display_name,
@@ -370,41 +415,104 @@ def _idle(gpu: GpuSpec) -> tuple[float, str]:
     )
 
 
-def build_profile(gpu: GpuSpec) -> HardwareProfile:
-    """Validate ``gpu``'s datasheet and derive its rounded default parameters."""
-    datasheet = Datasheet.model_validate(gpu.datasheet)
-    idle_w, idle_note = _idle(gpu)
-    derived = default_parameters(datasheet, idle_w).model_dump()
-    parameters = ModelParameters.model_validate(
-        {k: round_significant(v) for k, v in derived.items()}
+def _band_from_checks(distance: str) -> ErrorBand:
+    """Transferred band: the larger p85 APE of the two transfer-check directions, widened."""
+    checks = json.loads(TRANSFER_CHECKS.read_text(encoding="utf-8"))
+    energy = max(c["energy_ape"] for c in checks["directions"])
+    latency = max(c["latency_ape"] for c in checks["directions"])
+    runs = sum(c["n_runs"] for c in checks["directions"])
+    return transferred_band(
+        energy, latency, distance,
+        f"p85 APE of the transfer check (validation/transfer_check.json: "
+        f"{', '.join(c['name'] for c in checks['directions'])}), larger direction",
+    ).model_copy(update={"n_runs": runs})
+
+
+def calibrated_sources() -> dict[str, HardwareProfile]:
+    """The shipped calibrated profiles (the transfer sources)."""
+    out = {}
+    for path in sorted(PROFILE_DIR.glob("*.yaml")):
+        profile = load_profile_file(path)
+        if profile.calibrated:
+            out[profile.name] = profile
+    return out
+
+
+def _rounded(params: ModelParameters) -> ModelParameters:
+    return ModelParameters.model_validate(
+        {k: round_significant(v) for k, v in params.model_dump().items()}
     )
-    notes = (
-        f"Datasheet defaults, not calibrated on this GPU. Idle power {idle_note}. "
-        "Parameters rounded to 4 significant digits."
+
+
+def build_profile(
+    gpu: GpuSpec, sources: dict[str, HardwareProfile] | None = None
+) -> HardwareProfile:
+    """Validate ``gpu``'s datasheet and derive its rounded parameters.
+
+    With calibrated ``sources`` (and a :data:`ttcsim.transfer.FAMILIES` entry) the
+    parameters are transferred from the nearest one (:func:`ttcsim.transfer.choose_source`);
+    without, they are the datasheet defaults.
+    """
+    datasheet = Datasheet.model_validate(
+        {**gpu.datasheet, "min_power_limit_w": gpu.min_power_limit_w}
     )
-    if gpu.notes:
-        notes += " " + gpu.notes
+    ds_sources = dict(gpu.sources)
+    if gpu.min_power_limit_w is not None:
+        ds_sources["min_power_limit_w"] = gpu.min_power_source
+    if sources and gpu.name in FAMILIES:
+        src = choose_source(gpu.name, sources)
+        params, transfer = transfer_parameters(
+            sources[src], FAMILIES[src], datasheet, FAMILIES[gpu.name], gpu.idle_power_w
+        )
+        idle_note = (
+            f"published: {gpu.idle_source}" if gpu.idle_power_w is not None
+            else "TDP-scaled from the source"
+        )
+        info = CalibrationInfo(
+            status="transferred",
+            method=f"ttcsim.transfer rules from calibrated {src} ({transfer.distance}); "
+            "see docs/MODEL.md, Transfer",
+            notes=(
+                f"Not measured on this GPU: parameters moved from {src} by the rules of "
+                f"ttcsim.transfer. Idle power {idle_note}. Parameters rounded to 4 "
+                "significant digits." + (f" {gpu.notes}" if gpu.notes else "")
+            ),
+            transfer=transfer,
+            band=_band_from_checks(transfer.distance),
+        )
+        parameters = _rounded(params)
+    else:
+        idle_w, idle_note = _idle(gpu)
+        parameters = _rounded(default_parameters(datasheet, idle_w))
+        notes = (
+            f"Datasheet defaults, not calibrated on this GPU. Idle power {idle_note}. "
+            "Parameters rounded to 4 significant digits."
+        )
+        if gpu.notes:
+            notes += " " + gpu.notes
+        info = CalibrationInfo(
+            status="datasheet-default",
+            method="ttcsim.simulator.defaults rule; idle power from "
+            + (
+                gpu.idle_source
+                if gpu.idle_power_w is not None
+                else f"an assumption ({IDLE_FRACTION_ASSUMED:g} x power_limit_w)"
+            ),
+            notes=notes,
+            band=ErrorBand(
+                energy_ape=DATASHEET_DEFAULT_BAND, latency_ape=DATASHEET_DEFAULT_BAND,
+                method="datasheet-default band (ttcsim.uncertainty.DATASHEET_DEFAULT_BAND)",
+            ),
+        )
     return HardwareProfile.model_validate(
         {
             "name": gpu.name,
             "display_name": gpu.display_name,
             "vendor": gpu.vendor,
             "aliases": gpu.aliases,
-            "datasheet": datasheet.model_dump(),
+            "datasheet": datasheet.model_dump(exclude_none=True),
             "parameters": parameters.model_dump(),
-            "provenance": {
-                "datasheet_sources": gpu.sources,
-                "parameters": {
-                    "status": "datasheet-default",
-                    "method": "ttcsim.simulator.defaults rule; idle power from "
-                    + (
-                        gpu.idle_source
-                        if gpu.idle_power_w is not None
-                        else f"an assumption ({IDLE_FRACTION_ASSUMED:g} x power_limit_w)"
-                    ),
-                    "notes": notes,
-                },
-            },
+            "provenance": {"datasheet_sources": ds_sources, "parameters": info.model_dump()},
         }
     )
 
@@ -458,13 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if a shipped file is stale")
     args = parser.parse_args(argv)
     stale = []
+    sources = calibrated_sources()
     for gpu in _gpus():
-        text = render(build_profile(gpu))
         path = PROFILE_DIR / f"{gpu.name}.yaml"
-        if path.exists() and load_profile_file(path).calibrated:
+        if gpu.name in sources:
             # a calibrated profile is the output of `ttcsim calibrate`, not of this rule
             print(f"kept {path} (calibrated)")
             continue
+        text = render(build_profile(gpu, sources))
         if args.check:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 stale.append(path.name)

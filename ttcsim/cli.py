@@ -253,6 +253,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--carbon-g-per-kwh", default=None, type=float, help="Grid carbon intensity [gCO2/kWh].")
 @click.option("--usd-per-kwh", default=None, type=float, help="Electricity price [USD/kWh].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the Monte-Carlo percentiles.")
+@click.option("--power-limit-w", default=None, type=float, help="What-if board power limit per GPU [W], down to the board's minimum (default: the datasheet limit).")
 @click.option("--engine", default=None, help="Engine profile: reference (default), hf-transformers, vllm, or a YAML path (see `ttcsim engines list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a PNG: the query's power timeline (phases, power limit); with random lengths also the histogram of energy per query (p50, p90).")
@@ -275,7 +276,7 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     if r.concurrency > 1:
         head += f"  concurrency {r.concurrency}"
     rows = [
-        ("energy per query", _fmt_energy(r.energy_j)),
+        ("energy per query", f"{_fmt_energy(r.energy_j)}  {_band_text(r.band_energy_ape, r.energy_j_low, r.energy_j_high, _fmt_energy)}"),
         ("  prefill", _fmt_energy(r.energy_prefill_j)),
         ("  decode", _fmt_energy(r.energy_decode_j)),
     ]
@@ -283,7 +284,7 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
         rows.append(("  reward scoring", _fmt_energy(r.energy_score_j)))
     rows += [
         ("  above idle (marginal)", _fmt_energy(r.energy_dynamic_j)),
-        ("latency", f"{r.latency_s:.3f} s  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
+        ("latency", f"{r.latency_s:.3f} s  {_band_text(r.band_latency_ape, r.latency_s_low, r.latency_s_high, lambda v: f'{v:.3f} s')}  (time to first token {r.ttft_s * 1e3:.1f} ms)"),
         ("output tokens", f"{r.output_tokens:.0f}  ({r.j_per_output_token:.3f} J/token)"),
         ("power", f"avg {r.avg_power_w:.0f} W, peak {r.peak_power_w:.0f} W"
          + (f"  (power-limited in {', '.join(r.power_limited_phases)})"
@@ -304,7 +305,15 @@ def predict(as_json: bool, plot_path: str | None, **kw) -> None:
     click.echo(wrap_text(head))
     click.echo(_table(rows))
     if not r.calibrated_profile:
-        note(f"{r.hw} uses datasheet-default parameters (not calibrated)")
+        what = "parameters transferred from a calibrated GPU" if r.profile_status == "transferred" else "datasheet-default parameters"
+        note(f"{r.hw} uses {what} (not calibrated on it); band: {r.band_method}")
+
+
+def _band_text(ape: float, low: float, high: float, fmt) -> str:
+    """``±12 % (3.1 kJ - 4.2 kJ)``: the error band of a number."""
+    from ttcsim.uncertainty import format_band
+
+    return f"{format_band(ape)} ({fmt(low)} - {fmt(high)})"
 
 
 @main.group()
@@ -319,11 +328,14 @@ def hw_list(as_json: bool) -> None:
     """List the shipped hardware profiles."""
     from ttcsim.console import render_table
     from ttcsim.hardware import get_profile, list_profiles
+    from ttcsim.uncertainty import format_band, profile_band
 
     records = []
     for name in list_profiles():
         p = get_profile(name)
         d = p.datasheet
+        info = p.provenance.parameters
+        band = profile_band(p)
         records.append({
             "name": name,
             "aliases": list(p.aliases),
@@ -331,17 +343,23 @@ def hw_list(as_json: bool) -> None:
             "hbm_bandwidth_bytes_per_s": d.hbm_bandwidth_bytes_per_s,
             "peak_flops_per_s": dict(d.peak_flops_per_s),
             "power_limit_w": d.power_limit_w,
-            "parameters": p.provenance.parameters.status,
+            "min_power_limit_w": p.min_power_limit(),
+            "parameters": info.status,
+            "band_energy_ape": band.energy_ape,
+            "band_latency_ape": band.latency_ape,
+            "source": info.transfer.source_profile if info.transfer else (info.gpu_name or ""),
         })
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
     click.echo(render_table(
-        ["name", "aliases", "HBM TB/s", "bf16 TFLOP/s", "limit W", "parameters"],
+        ["name", "aliases", "HBM TB/s", "bf16 TFLOP/s", "limit W", "min W", "parameters",
+         "E band", "t band", "source"],
         [[r["name"], ",".join(r["aliases"]), f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}",
           f"{r['peak_flops_per_s']['bf16'] / 1e12:.0f}", f"{r['power_limit_w']:.0f}",
-          r["parameters"]] for r in records],
-        align="<<>>><",
+          f"{r['min_power_limit_w']:.0f}", r["parameters"], format_band(r["band_energy_ape"]),
+          format_band(r["band_latency_ape"]), r["source"]] for r in records],
+        align="<<>>>><>><",
     ))
 
 
@@ -461,7 +479,7 @@ def validate(runs_path: str, hw: str | None, engine: str | None, as_json: bool) 
 
 
 def _print_validation(report: dict) -> None:
-    status = "calibrated" if report["calibrated_profile"] else "datasheet-default"
+    status = report.get("profile_status", "calibrated" if report["calibrated_profile"] else "datasheet-default")
     engine = report.get("engine", "reference")
     engine = engine if isinstance(engine, str) else ",".join(engine)
     click.echo(f"profile {report['hw']} ({status}), engine {engine}, {len(report['runs'])} runs")
@@ -483,6 +501,11 @@ def _print_validation(report: dict) -> None:
         s = report["summary"].get(key)
         if s and s["n"]:
             click.echo(f"{label} error: median {s['median']:.1f}%  p90 {s['p90']:.1f}%  max {s['max']:.1f}%")
+    band, summary = report["band"], report["summary"]
+    text = f"band: energy \u00b1{band['energy_ape'] * 100:.0f} % covers {summary['energy_band_coverage'] * 100:.0f} % of runs"
+    if summary.get("latency_band_coverage") is not None:
+        text += f", latency \u00b1{band['latency_ape'] * 100:.0f} % covers {summary['latency_band_coverage'] * 100:.0f} %"
+    click.echo(text)
 
 
 @main.group()

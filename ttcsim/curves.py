@@ -58,6 +58,11 @@ CURVE_METRICS = (
     "output_tokens_per_j",
     "avg_power_w",
     "peak_power_w",
+    "energy_j_low",
+    "energy_j_high",
+    "latency_s_low",
+    "latency_s_high",
+    "power_limit_w",
 )
 CURVE_COLUMNS = (
     "hw", "model", "strategy", "series", "vary", "x", "tp", "gpus", *CURVE_METRICS,

@@ -18,6 +18,7 @@ the file name equals the profile's ``name``.
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,10 @@ from ttcsim.io import parse_yaml
 
 #: Unknown keys, mutation and NaN/inf are all refused.
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+#: A what-if power cap must leave this factor of the static power (see
+#: :meth:`HardwareProfile.min_power_limit`).
+STATIC_HEADROOM = 1.1
 
 #: Compute dtypes a profile may list peak FLOP/s for.
 COMPUTE_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
@@ -47,6 +52,10 @@ class Datasheet(BaseModel):
     interconnect_bandwidth_bytes_per_s: float = Field(
         gt=1e9, lt=1e13, description="GPU-to-GPU bandwidth, one direction [B/s]"
     )
+    min_power_limit_w: float | None = Field(
+        default=None, gt=10, le=3000,
+        description="lowest board power limit the driver accepts ('Min Power Limit') [W]",
+    )
 
     @model_validator(mode="after")
     def _check_peaks(self) -> Datasheet:
@@ -57,6 +66,11 @@ class Datasheet(BaseModel):
                 raise ValueError(f"peak_flops_per_s: unknown dtype {dtype!r}")
             if not 1e12 <= flops <= 1e17:
                 raise ValueError(f"peak_flops_per_s.{dtype}={flops:g} outside [1e12, 1e17] FLOP/s")
+        if self.min_power_limit_w is not None and self.min_power_limit_w > self.power_limit_w:
+            raise ValueError(
+                f"min_power_limit_w {self.min_power_limit_w:g} exceeds power_limit_w "
+                f"{self.power_limit_w:g}"
+            )
         return self
 
     def peak_flops_for(self, dtype: str) -> float:
@@ -152,12 +166,49 @@ class ModelParameters(BaseModel):
     memory_usable_fraction: float = Field(gt=0.3, le=1.0, default=0.9)
 
 
+class ParameterTransfer(BaseModel):
+    """How one parameter was moved from a calibrated profile onto this GPU."""
+
+    model_config = _STRICT
+
+    source_value: float
+    factor: float = Field(gt=0, description="value = source_value * factor (before clamps)")
+    rule: str = Field(min_length=3)
+
+
+class TransferInfo(BaseModel):
+    """A ``transferred`` profile: its source and the rule used for every parameter."""
+
+    model_config = _STRICT
+
+    source_profile: str = Field(min_length=1)
+    source_status: str = Field(min_length=3)
+    distance: Literal["same-generation", "cross-generation", "cross-vendor"]
+    parameters: dict[str, ParameterTransfer]
+
+
+class ErrorBand(BaseModel):
+    """Relative uncertainty of a profile's predictions (see :mod:`ttcsim.uncertainty`).
+
+    ``energy_ape`` / ``latency_ape`` are absolute errors relative to the measured
+    value (``|pred - meas| / meas``): the band is every measured value within it,
+    ``[pred / (1 + ape), pred / (1 - ape)]``.
+    """
+
+    model_config = _STRICT
+
+    energy_ape: float = Field(gt=0, lt=0.95)
+    latency_ape: float = Field(gt=0, lt=0.95)
+    method: str = Field(min_length=3)
+    n_runs: int | None = Field(default=None, ge=1)
+
+
 class CalibrationInfo(BaseModel):
     """Where the :class:`ModelParameters` came from."""
 
     model_config = _STRICT
 
-    status: Literal["datasheet-default", "calibrated"]
+    status: Literal["datasheet-default", "calibrated", "transferred"]
     method: str = Field(min_length=3)
     date: str | None = None
     gpu_name: str | None = None
@@ -165,11 +216,15 @@ class CalibrationInfo(BaseModel):
     trace: str | None = None
     residuals: dict[str, float] = Field(default_factory=dict)
     notes: str | None = None
+    transfer: TransferInfo | None = None
+    band: ErrorBand | None = None
 
     @model_validator(mode="after")
     def _calibrated_needs_context(self) -> CalibrationInfo:
         if self.status == "calibrated" and not (self.date and self.gpu_name):
             raise ValueError("a calibrated profile needs date and gpu_name in its provenance")
+        if (self.status == "transferred") != (self.transfer is not None):
+            raise ValueError("a transferred profile (and only one) needs a transfer record")
         return self
 
 
@@ -218,6 +273,8 @@ class HardwareProfile(BaseModel):
             "power_limit_w",
             "interconnect_bandwidth_bytes_per_s",
         } | {f"peak_flops_per_s.{d}" for d in self.datasheet.peak_flops_per_s}
+        if self.datasheet.min_power_limit_w is not None:
+            required.add("min_power_limit_w")
         missing = sorted(required - set(self.provenance.datasheet_sources))
         if missing:
             raise ValueError(f"provenance.datasheet_sources lacks a source for {missing}")
@@ -227,6 +284,46 @@ class HardwareProfile(BaseModel):
     def calibrated(self) -> bool:
         """Whether the model parameters were fitted to measurements on this GPU."""
         return self.provenance.parameters.status == "calibrated"
+
+    def with_power_limit(self, power_limit_w: float | None, where: str = "--power-limit-w"):
+        """A copy whose board power limit is ``power_limit_w`` [W] (a what-if cap).
+
+        Allowed from :meth:`min_power_limit` up to the datasheet ``power_limit_w``;
+        ``None`` (or the datasheet limit itself) returns the profile unchanged.  The copy keeps
+        the name with a ``-pl<W>w`` suffix so outputs say which cap they price;
+        the throttle physics (:mod:`ttcsim.simulator.power`) does the rest.
+        """
+        if power_limit_w is None:
+            return self
+        lo, hi = self.min_power_limit(), self.datasheet.power_limit_w
+        ok = isinstance(power_limit_w, (int, float)) and not isinstance(power_limit_w, bool)
+        if not ok or not (math.isfinite(power_limit_w) and lo <= power_limit_w <= hi):
+            raise TtcsimError(
+                f"must be between the board's minimum {lo:g} W and its limit {hi:g} W for "
+                f"{self.name}, got {power_limit_w!r}",
+                where,
+            )
+        if power_limit_w == hi:
+            return self
+        ds = self.datasheet.model_copy(update={"power_limit_w": float(power_limit_w)})
+        return self.model_copy(
+            update={"datasheet": ds, "name": f"{self.name}-pl{power_limit_w:g}w".replace(".", "p")}
+        )
+
+    def min_power_limit(self) -> float:
+        """Lowest what-if power limit [W], a whole number of watts.
+
+        The board's ``min_power_limit_w``, raised to :data:`STATIC_HEADROOM` x the
+        static power ``P_idle + P_active`` where that is higher.
+
+        The throttle model holds static power fixed and slows only the clock, so a cap
+        at or below the static power leaves no power for work (the model would
+        stretch every pass without bound); such caps are refused rather than priced.
+        """
+        p = self.parameters
+        floor = STATIC_HEADROOM * (p.idle_power_w + p.active_power_w)
+        board = self.datasheet.min_power_limit_w or floor
+        return float(min(self.datasheet.power_limit_w, math.ceil(max(board, floor))))
 
     def with_parameters(
         self, parameters: ModelParameters, info: CalibrationInfo

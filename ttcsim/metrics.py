@@ -65,6 +65,12 @@ METRIC_COLUMNS = (
     "avg_power_w",
     "expectation",
     "calibrated_profile",
+    "profile_status",
+    "energy_j_low",
+    "energy_j_high",
+    "latency_s_low",
+    "latency_s_high",
+    "power_limit_w",
 )
 
 

@@ -177,6 +177,32 @@ class PlanOption(BaseModel):
     kv_capacity_tokens: float | None = None
     cheapest: bool = False
     lowest_energy: bool = False
+    # power limit priced and the error band (ttcsim.uncertainty): real latency within
+    # the band moves the capacity by 1 -/+ band_latency_ape, so the GPU count lies in
+    # [gpus_low, gpus_high]; real energy within its band gives the kWh range
+    power_limit_w: float | None = None
+    profile_status: str | None = None
+    band_energy_ape: float | None = None
+    band_latency_ape: float | None = None
+    gpus_low: int | None = None
+    gpus_high: int | None = None
+    kwh_per_day_low: float | None = None
+    kwh_per_day_high: float | None = None
+    #: with ``search_power_limit``: the cap of this hardware x tp with the lowest energy
+    best_power_limit: bool = False
+
+
+#: Power limits tried by ``plan(search_power_limit=True)``, as fractions of the
+#: datasheet limit (those below the board's minimum are skipped; the minimum is added).
+POWER_LIMIT_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def power_limit_grid(profile: HardwareProfile) -> list[float]:
+    """Caps [W] the search tries for ``profile``: :data:`POWER_LIMIT_FRACTIONS` of its limit."""
+    limit, low = profile.datasheet.power_limit_w, profile.min_power_limit()
+    caps = sorted({round(f * limit) for f in POWER_LIMIT_FRACTIONS if f * limit >= low}
+                  | {float(low)}, reverse=True)
+    return [float(c) for c in caps]
 
 
 class PlanCurve(BaseModel):
@@ -422,6 +448,8 @@ def plan(
     queries: int = DEFAULT_QUERIES,
     seed: int = 0,
     curves: bool = False,
+    power_limit_w: float | None = None,
+    search_power_limit: bool = False,
     engine=None,
 ) -> Plan:
     """Plan a deployment: per option the fewest GPUs meeting every SLO, and its costs.
@@ -440,6 +468,10 @@ def plan(
     trace : CSV of ``arrival_s[, prompt_tokens, output_tokens]`` instead of Poisson
     queries : measured queries per simulated load (more: smoother percentiles, slower)
     curves : also compute energy and cost against QPS for plotting
+    power_limit_w : what-if board power limit per GPU [W] for every option
+    search_power_limit : also try :func:`power_limit_grid` caps per hardware; each
+        cap is an option, and per hardware x tp the one with the lowest energy that
+        meets the SLO is flagged ``best_power_limit``
     engine : engine profile (:mod:`ttcsim.engines`); its host time, kernels,
         usable memory and prefix sharing price the passes, while the serving
         scheduler (:class:`ttcsim.serving.Scheduler`, continuous batching with
@@ -469,7 +501,18 @@ def plan(
     kv_dtype = kv_dtype or ("fp8" if weight_dtype == "fp8" else "bf16")
     if not isinstance(queries, int) or not 50 <= queries <= 20000:
         raise TtcsimError(f"must be a whole number in [50, 20000], got {queries}", "--queries")
-    profiles = [get_profile(h) for h in _parse_list(hw, "--hw")]
+    if search_power_limit:
+        if power_limit_w is not None:
+            raise TtcsimError("give --power-limit-w or --search-power-limit, not both",
+                              "--search-power-limit")
+        return _search_power_limit(
+            hw, dict(model=model, strategy=strategy, qps=qps, prompt_tokens=prompt_tokens,
+                     output_tokens=output_tokens, slo=slo, tp=tp, max_batch=max_batch,
+                     chunk_tokens=chunk_tokens, prices=prices, weight_dtype=weight_dtype,
+                     kv_dtype=kv_dtype, prefix_cache=prefix_cache, reward_model=reward_model,
+                     trace=trace, queries=queries, seed=seed, curves=curves, engine=engine),
+        )
+    profiles = [get_profile(h).with_power_limit(power_limit_w) for h in _parse_list(hw, "--hw")]
     tps = _parse_tp(tp)
     samples = strat.samples_per_query
     copies = 1 if prefix_cache else samples
@@ -535,7 +578,8 @@ def plan(
                 options.append(
                     PlanOption(
                         hw=profile.name, tp=k, fits=False, slo_met=False, reason=reason,
-                        cause=cause,
+                        cause=cause, power_limit_w=profile.datasheet.power_limit_w,
+                        profile_status=profile.provenance.parameters.status,
                     )
                 )
                 continue
@@ -684,6 +728,8 @@ def plan(
             hw=o.profile.name,
             tp=o.tp,
             fits=True,
+            power_limit_w=o.profile.datasheet.power_limit_w,
+            profile_status=o.profile.provenance.parameters.status,
             kv_capacity_tokens=o.kv_capacity_tokens,
             floor_ttft_p90_s=floor.get("ttft_s"),
             floor_tpot_p90_s=floor.get("tpot_s"),
@@ -965,8 +1011,21 @@ def _priced(
     usd_day = usd_gpus + usd_energy
     j_query = avg_kw * 1e3 / fleet_qps
     tokens_day = fleet_qps * SECONDS_PER_DAY * tokens_per_query
+    from ttcsim.uncertainty import interval, profile_band
+
+    band = profile_band(o.profile)
+    w_t = band.latency_ape
+    reps_low = math.ceil(fleet_qps / (capacity * (1.0 + w_t))) if capacity else replicas
+    reps_high = math.ceil(fleet_qps / (capacity * (1.0 - w_t))) if capacity else replicas
+    kwh_low, kwh_high = interval(kwh_day, band.energy_ape)
     return PlanOption(
         **base,
+        band_energy_ape=band.energy_ape,
+        band_latency_ape=w_t,
+        gpus_low=min(reps_low, replicas) * o.tp,
+        gpus_high=max(reps_high, replicas) * o.tp,
+        kwh_per_day_low=float(kwh_low),
+        kwh_per_day_high=float(kwh_high),
         slo_met=True,
         gpus=gpus,
         replicas=replicas,
@@ -995,6 +1054,56 @@ def _priced(
         e2e_p90_s=_p(stats, "e2e_s", row),
         queue_p90_s=_p(stats, "queue_s", row),
     )
+
+
+def _search_power_limit(hw, kw: dict) -> Plan:
+    """:func:`plan` once per cap level of :func:`power_limit_grid`, merged.
+
+    Every (hardware, cap, tp) is an option; per hardware x tp the cap with the
+    lowest kWh/day meeting the SLO gets ``best_power_limit``.
+
+    Each level is its own plan (the hardware of one level share a simulation, as in
+    a plain plan), so an extreme cap cannot disturb another cap's capacity search.
+    """
+    bases = [get_profile(h) for h in _parse_list(hw, "--hw")]
+    grids = {p.name: power_limit_grid(p) for p in bases}
+    levels = max(len(g) for g in grids.values())
+    parts = []
+    for j in range(levels):
+        capped = [p.with_power_limit(grids[p.name][j], "--search-power-limit")
+                  for p in bases if j < len(grids[p.name])]
+        parts.append(plan(hw=capped, **kw))
+    built = [o.model_copy(update={"cheapest": False, "lowest_energy": False})
+             for part in parts for o in part.options]
+    base_of = {o.hw: b.name for b in bases for o in built
+               if o.hw == b.name or o.hw.startswith(b.name + "-pl")}
+    _mark(built)
+    _mark_best_power_limit(built, base_of)
+    good = [b for b in built if b.slo_met]
+    first = parts[0]
+    return first.model_copy(update={
+        "options": built,
+        "recommended": next((b for b in good if b.cheapest), None),
+        "feasible": bool(good),
+        "reason": None if good else "no option at any power cap meets the SLO",
+        "calibrated_profiles": {
+            k: v for part in parts for k, v in part.calibrated_profiles.items()
+        },
+        "curves": [c for part in parts for c in part.curves],
+        "notes": sorted({n for part in parts for n in part.notes}),
+    })
+
+
+def _mark_best_power_limit(built: list[PlanOption], base_of: dict[str, str]) -> None:
+    """Per base hardware x tp, flag the option (cap) with the lowest kWh/day meeting the SLO."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, b in enumerate(built):
+        if b.slo_met:
+            groups.setdefault((base_of.get(b.hw, b.hw), b.tp), []).append(i)
+    for idx in groups.values():
+        best = min(idx, key=lambda i: (
+            built[i].kwh_per_day, built[i].gpus, -built[i].power_limit_w))
+        built[best] = built[best].model_copy(update={"best_power_limit": True})
 
 
 def _mark(built: list[PlanOption]) -> None:

@@ -131,6 +131,17 @@ class Prediction(BaseModel):
     output_tokens_per_j: float | None = None
     useful_tokens_per_j: float | None = None
 
+    # uncertainty (ttcsim.uncertainty) and the power-limit what-if
+    profile_status: str = "datasheet-default"
+    energy_j_low: float = 0.0
+    energy_j_high: float = 0.0
+    latency_s_low: float = 0.0
+    latency_s_high: float = 0.0
+    band_energy_ape: float = 0.0  #: relative error the energy band allows (vs measured)
+    band_latency_ape: float = 0.0
+    band_method: str = ""
+    power_limit_w: float = 0.0  #: board power limit priced [W] (a what-if cap, or the datasheet's)
+
     def as_dict(self) -> dict:
         """Plain dict (JSON-ready)."""
         return self.model_dump()
@@ -651,6 +662,7 @@ def predict(
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     marginal: bool = True,
+    power_limit_w: float | None = None,
     engine: str | EngineProfile | None = None,
 ) -> Prediction:
     """Predict the energy and latency of one query.
@@ -674,8 +686,14 @@ def predict(
     percentiles, draws, seed : Monte-Carlo percentiles of random workloads
     marginal : also compute the marginal J per output / prompt token (two
         more evaluations)
+    power_limit_w : what-if board power limit [W] per GPU, between the board's
+        minimum and its datasheet limit (``None``: the datasheet limit); priced by
+        the DVFS throttle of :mod:`ttcsim.simulator.power`
     engine : engine profile name (``reference``, ``hf-transformers``, ``vllm``),
         alias or YAML path; None is ``reference`` (see :mod:`ttcsim.engines`)
+
+    Every result carries a band (``energy_j_low/high``, ``latency_s_low/high``)
+    from the profile's status and measured spread (:mod:`ttcsim.uncertainty`).
 
     For random lengths ``energy_j`` and ``latency_s`` are exact expectations
     where the strategy has one, else Monte-Carlo means (``expectation``,
@@ -688,6 +706,7 @@ def predict(
             raise TtcsimError(f"must be a finite number >= 0, got {v}", name)
     draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
     seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
+    hw = get_profile(hw).with_power_limit(power_limit_w)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
         kv_dtype, prefix_cache, reward_model, engine,
@@ -784,7 +803,28 @@ def predict(
         j_per_useful_token=m.per_token(energy, useful),
         output_tokens_per_j=m.tokens_per_joule(tokens, energy),
         useful_tokens_per_j=m.tokens_per_joule(useful, energy),
+        **band_fields(s.profile, float(energy), float(totals.latency)),
         **extra,
+    )
+
+
+def band_fields(profile: HardwareProfile, energy_j: float, latency_s: float) -> dict:
+    """The band and power-limit fields of a :class:`Prediction` (see :mod:`ttcsim.uncertainty`)."""
+    from ttcsim.uncertainty import interval, profile_band
+
+    band = profile_band(profile)
+    e_lo, e_hi = interval(energy_j, band.energy_ape)
+    t_lo, t_hi = interval(latency_s, band.latency_ape)
+    return dict(
+        profile_status=profile.provenance.parameters.status,
+        energy_j_low=float(e_lo),
+        energy_j_high=float(e_hi),
+        latency_s_low=float(t_lo),
+        latency_s_high=float(t_hi),
+        band_energy_ape=band.energy_ape,
+        band_latency_ape=band.latency_ape,
+        band_method=band.method,
+        power_limit_w=profile.datasheet.power_limit_w,
     )
 
 
@@ -824,6 +864,7 @@ def predict_draws(
     reward_model: str | None = None,
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
+    power_limit_w: float | None = None,
     engine: str | EngineProfile | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Per-query energy [J] and latency [s] of each seeded Monte-Carlo draw, and the spec.
@@ -833,6 +874,7 @@ def predict_draws(
     """
     draws = _check_positive_int(draws, "--draws", lo=2, hi=1_000_000)
     seed = _check_positive_int(seed, "--seed", lo=0, hi=2**63 - 1)
+    hw = get_profile(hw).with_power_limit(power_limit_w)
     s = _prepare(
         hw, model, strategy, prompt_tokens, output_tokens, concurrency, tp, weight_dtype,
         kv_dtype, prefix_cache, reward_model, engine,

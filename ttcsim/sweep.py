@@ -66,6 +66,7 @@ from ttcsim.simulator.phases import decode_peak_power_w, length_extremes
 from ttcsim.simulator.power import average_power_w
 from ttcsim.simulator.roofline import forward_pass
 from ttcsim.strategies import BestOfN, Single, Strategy, Vote, parse_strategy
+from ttcsim.uncertainty import interval, profile_band
 from ttcsim.units import DTYPE_BYTES, JOULES_PER_KWH
 
 #: Deployment axes: one set of pass coefficients per combination.
@@ -74,6 +75,9 @@ GROUP_AXES = ("hw", "model", "weight_dtype", "kv_dtype", "tp", "reward_model", "
 INNER_AXES = ("strategy", "output_tokens", "prefix_cache", "concurrency", "prompt_tokens")
 #: Settings that are one value for the whole grid.
 SCALAR_KEYS = ("pue", "carbon_g_per_kwh", "usd_per_kwh")
+#: What-if board power limits [W]: each expands every ``hw`` value into a capped
+#: profile (``HardwareProfile.with_power_limit``; label ``<name>-pl<W>w``).
+CAP_KEY = "power_limit_w"
 #: Rows evaluated at a time (bounds memory: about 1 kB per row in flight).
 DEFAULT_CHUNK_ROWS = 1 << 17
 
@@ -241,7 +245,7 @@ class Grid:
         """Validate a grid mapping (parsed YAML); errors name the key."""
         if not isinstance(data, Mapping):
             raise TtcsimError("a grid must be a mapping of axis names to values", source)
-        valid = GROUP_AXES + INNER_AXES + SCALAR_KEYS
+        valid = GROUP_AXES + INNER_AXES + SCALAR_KEYS + (CAP_KEY,)
         aliases = {"dtype": "weight_dtype"}
         data = {aliases.get(k, k): v for k, v in data.items()}
         unknown = sorted(set(data) - set(valid))
@@ -266,6 +270,9 @@ class Grid:
                 raise TtcsimError(message, where(axis)) from None
 
         profiles = [resolve("hw", get_profile, v) for v in _as_list(raw["hw"], where("hw"))]
+        caps = [None if v in (None, "default") else v
+                for v in _as_list(data.get(CAP_KEY), where(CAP_KEY), True)]
+        profiles = [p.with_power_limit(w, where(CAP_KEY)) for p in profiles for w in caps]
         axes["hw"], labels["hw"] = tuple(profiles), tuple(p.name for p in profiles)
         specs = [resolve("model", get_model, v)
                  for v in _as_list(raw["model"], where("model"))]
@@ -565,8 +572,8 @@ def fixed_decode_arrays(
     decode time is that segment's time; ``query_time_s`` is numpy's mean of ``Q``
     equal values (:func:`repeat_sum` / ``Q``).  With ``shared_prefix`` (prefix
     caching and ``N > 1``) the ``Q`` queries' samples share their prompt's KV reads
-    (``segment_cost``'s ``groups``); the per-query time is priced without sharing,
-    as ``decode_time_per_query_s`` does.
+    (``segment_cost``'s ``groups``); the per-query time is that same segment's
+    (``decode_time_per_query_s`` prices the sharing too).
     """
     n = (n_queries * samples).astype(float)
     steps = np.maximum(output_tokens - 1.0, 0.0)
@@ -578,8 +585,6 @@ def fixed_decode_arrays(
         groups = np.where(shared, np.where(steps > 0, n_queries.astype(float), 0.0), n)
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak, p_shared, groups)
         t_query = t.copy()
-        sh = np.flatnonzero(shared)
-        t_query[sh] = bounded_segment_cost(c, n[sh], first_ctx[sh], steps[sh], peak[sh])[0]
     else:
         t, e_dyn, e = bounded_segment_cost(c, n, first_ctx, steps, peak)
         t_query = t
@@ -630,6 +635,7 @@ COLUMNS: dict[str, str] = {
     "prefix_cache": "bool",
     "concurrency": "int64",
     "prompt_tokens": "int64",
+    "power_limit_w": "float64",
     "calibrated_profile": "bool",
     "fits": "bool",
     "status": "category",
@@ -653,6 +659,10 @@ COLUMNS: dict[str, str] = {
     "energy_facility_j": "float64",
     "co2_g": "float64",
     "usd": "float64",
+    "energy_j_low": "float64",
+    "energy_j_high": "float64",
+    "latency_s_low": "float64",
+    "latency_s_high": "float64",
 }
 #: Values of the ``status`` column: why a row has no results.
 STATUS = ("ok", "out-of-memory", "context-exceeded", "invalid")
@@ -909,6 +919,7 @@ class Sweeper:
         out["tp"][sl] = group.tp
         out["gpus"][sl] = group.c.n_gpus
         out["calibrated_profile"][sl] = group.profile.calibrated
+        out["power_limit_w"][sl] = group.profile.datasheet.power_limit_w
         samples = plan.samples[si]
         prefix = plan.prefix[ci]
         conc = plan.concurrency[qi]
@@ -955,6 +966,12 @@ class Sweeper:
         slow = np.flatnonzero(~fast)  # predict() decides fit and context for these
         if slow.size:
             self._slow(group, slow + at, si[slow], oi[slow], ci[slow], qi[slow], pi[slow], out)
+        # the profile's error band, as predict's band_fields (ttcsim.uncertainty)
+        band = profile_band(group.profile)
+        out["energy_j_low"][sl], out["energy_j_high"][sl] = interval(
+            out["energy_j"][sl], band.energy_ape)
+        out["latency_s_low"][sl], out["latency_s_high"][sl] = interval(
+            out["latency_s"][sl], band.latency_ape)
 
     def _fast(self, group, rows, si, oi, ci, qi, pi, out) -> None:
         """Vectorised scenarios; each phase is priced once per distinct set of its inputs."""

@@ -177,17 +177,28 @@ def summarize(errors_pct: list[float]) -> dict[str, float]:
     }
 
 
-def _row(r: RunComparison) -> dict:
+def _row(r: RunComparison, band) -> dict:
+    """One run's JSON row, with the profile's band around its predictions."""
+    from ttcsim.uncertainty import interval
+
+    e_lo, e_hi = interval(r.energy_j_pred, band.energy_ape)
     row = {
         "id": r.id,
         "measure": r.measure,
         "energy_j": r.energy_j,
         "energy_j_pred": r.energy_j_pred,
+        "energy_j_pred_low": e_lo,
+        "energy_j_pred_high": e_hi,
+        "energy_in_band": bool(e_lo <= r.energy_j <= e_hi),
         "energy_ape_pct": r.energy_ape,
         "latency_s": r.latency_s,
         "latency_s_pred": r.latency_s_pred,
         "latency_ape_pct": r.latency_ape,
     }
+    if r.latency_s is not None and r.latency_s_pred is not None:
+        t_lo, t_hi = interval(r.latency_s_pred, band.latency_ape)
+        row |= {"latency_s_pred_low": t_lo, "latency_s_pred_high": t_hi,
+                "latency_in_band": bool(t_lo <= r.latency_s <= t_hi)}
     if r.tpot_s is not None:
         row |= {"tpot_s": r.tpot_s, "tpot_s_pred": r.tpot_s_pred, "tpot_ape_pct": r.tpot_ape}
     return row
@@ -197,15 +208,28 @@ def validate_runs(runs: list[RunRecord], profile: HardwareProfile, engine=None) 
     """Per-run comparison and a summary, as a JSON-ready dict.
 
     ``engine`` replaces the engine every record names (see :func:`record_engine`).
+    Each run also has the profile's band (:mod:`ttcsim.uncertainty`) around its
+    prediction (``energy_j_pred_low/high``, ``latency_s_pred_low/high``) and whether
+    the measured value is inside it; the summary gives the coverage.
     """
+    from ttcsim.uncertainty import profile_band
+
+    band = profile_band(profile)
     rows = [compare_run(r, profile, engine) for r in runs]
     engines = sorted({record_engine(r, engine).name for r in runs})
+    out = [_row(r, band) for r in rows]
+    timed = [r for r in out if "latency_in_band" in r]
     return {
         "hw": profile.name,
         "calibrated_profile": profile.calibrated,
+        "profile_status": profile.provenance.parameters.status,
+        "band": band.model_dump(),
         "engine": engines[0] if len(engines) == 1 else engines,
-        "runs": [_row(r) for r in rows],
+        "runs": out,
         "summary": {
+            "energy_band_coverage": sum(r["energy_in_band"] for r in out) / max(len(out), 1),
+            "latency_band_coverage": (
+                sum(r["latency_in_band"] for r in timed) / len(timed) if timed else None),
             "energy_ape_pct": summarize([r.energy_ape for r in rows]),
             "latency_ape_pct": summarize(
                 [r.latency_ape for r in rows if r.latency_ape is not None]

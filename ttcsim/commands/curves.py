@@ -58,6 +58,8 @@ def _workload_options(fn):
                      help="Reward / verifier model for bon, prm-bon, beam (default: policy)."),
         click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
                      help="Share prompt prefills and KV between samples."),
+        click.option("--power-limit-w", default=None, type=float,
+                     help="What-if board power limit per GPU [W], down to the board's minimum."),
         click.option("--engine", default=None,
                      help="Engine profile: reference (default), hf-transformers, vllm, or a "
                           "YAML path (see `ttcsim engines list`)."),
@@ -126,14 +128,16 @@ def _print_curve(frame) -> None:
     notes = []
     for r in frame.itertuples():
         if r.status != "ok":
-            rows.append([r.hw, r.model, r.strategy, str(r.x), "-", "-", "-"])
+            rows.append([r.hw, r.model, r.strategy, str(r.x), "-", "-", "-", "-", "-"])
             notes.append(f"{r.hw} {r.model} {r.strategy} at {axis} {r.x}: {r.status}")
             continue
         rows.append([r.hw, r.model, r.strategy, str(r.x), f"{r.energy_j:.1f}",
-                     f"{r.j_per_output_token:.4f}", f"{r.latency_s:.2f}"])
+                     _pm(r.energy_j, r.energy_j_high),
+                     f"{r.j_per_output_token:.4f}", f"{r.latency_s:.2f}",
+                     _pm(r.latency_s, r.latency_s_high)])
     click.echo(render_table(
-        ["hw", "model", "strategy", axis, "J/query", "J/out tok", "latency s"], rows,
-        align="<<<>>>>", keys=3,
+        ["hw", "model", "strategy", axis, "J/query", "band", "J/out tok", "latency s", "band"],
+        rows, align="<<<>>>>>>", keys=3,
     ))
     for text in notes:
         click.echo(f"  {text}")
@@ -200,22 +204,29 @@ def _print_metrics(frame) -> None:
     r0 = frame.iloc[0]
     click.echo(f"prompt {r0.prompt_tokens:.0f} tokens (mean); energies per query; J/tok = joules "
                "per token;\nmarginal = one more token per sequence")
-    headers = ["hw", "model", "strategy", "J/query", "+-se", "p90 J", "J/prompt", "J/out",
+    headers = ["hw", "model", "strategy", "J/query", "band", "+-se", "p90 J", "J/prompt", "J/out",
                "marg.", "J/useful", "out/J", "lat s"]
     rows = [
-        [r.hw, r.model, r.strategy, f"{r.energy_j:.1f}", _num(r.energy_j_stderr, ".1f"),
+        [r.hw, r.model, r.strategy, f"{r.energy_j:.1f}", _pm(r.energy_j, r.energy_j_high),
+         _num(r.energy_j_stderr, ".1f"),
          _num(r.energy_j_p90, ".1f"), _num(r.j_per_prompt_token, ".4f"),
          _num(r.j_per_output_token, ".4f"), _num(r.j_per_output_token_marginal, ".4f"),
          _num(r.j_per_useful_token, ".3f"), _num(r.output_tokens_per_j, ".2f"),
          f"{r.latency_s:.2f}"]
         for r in frame.itertuples()
     ]
-    click.echo(render_table(headers, rows, align="<<<" + ">" * 9, keys=3))
+    click.echo(render_table(headers, rows, align="<<<" + ">" * 10, keys=3))
     if (frame["expectation"] == "monte-carlo").any():
         click.echo("  +-se: standard error of a Monte-Carlo mean (0: exact expectation)")
-    uncalibrated = sorted(set(frame.loc[~frame["calibrated_profile"].astype(bool), "hw"]))
-    if uncalibrated:
-        note(f"{', '.join(uncalibrated)} uses datasheet-default parameters (not calibrated)")
+    uncalibrated = frame.loc[~frame["calibrated_profile"].astype(bool)]
+    for status in sorted(set(uncalibrated["profile_status"])):
+        names = sorted(set(uncalibrated.loc[uncalibrated["profile_status"] == status, "hw"]))
+        note(f"{', '.join(names)} uses {status} parameters (not calibrated)")
+
+
+def _pm(value: float, high: float) -> str:
+    """``±12%``: the band's APE recovered from ``high = value / (1 - ape)``."""
+    return f"\u00b1{(1 - value / high) * 100:.0f}%" if high > 0 else "-"
 
 
 COMMANDS = [curve, metrics]

@@ -35,13 +35,17 @@ def _num(value: float | None, fmt: str) -> str:
 _COLUMNS = (
     # header, width, formatter
     ("option", 18, lambda o: f"{o.hw} tp{o.tp}"),
+    ("cap W", 5, lambda o: _num(o.power_limit_w, ".0f")),
     ("GPUs", 5, lambda o: _num(o.gpus, "d")),
+    ("GPU range", 9, lambda o: "-" if o.gpus_low is None else f"{o.gpus_low}-{o.gpus_high}"),
     ("repl", 5, lambda o: _num(o.replicas, "d")),
     ("batch", 6, lambda o: _num(o.batch, ".0f")),
     ("util", 5, lambda o: _num(o.utilization, ".2f")),
     ("avg kW", 7, lambda o: _num(o.avg_power_kw, ".2f")),
     ("peak kW", 8, lambda o: _num(o.peak_power_kw, ".2f")),
     ("kWh/day", 8, lambda o: _num(o.kwh_per_day, ".1f")),
+    ("kWh range", 13, lambda o: "-" if o.kwh_per_day_low is None
+     else f"{o.kwh_per_day_low:.0f}-{o.kwh_per_day_high:.0f}"),
     ("J/query", 8, lambda o: _num(o.j_per_query, ".0f")),
     ("Wh/q", 6, lambda o: _num(o.wh_per_query, ".3f")),
     ("$/day", 7, lambda o: _num(o.usd_per_day, ".0f")),
@@ -88,7 +92,8 @@ def _print_plan(p) -> None:
     if met:
         rows = [
             [f(o) for _, _, f in _COLUMNS]
-            + [("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")]
+            + [("$" if o.cheapest else "") + ("E" if o.lowest_energy else "")
+               + ("P" if o.best_power_limit else "")]
             for o in met
         ]
         headers = [h for h, _, _ in _COLUMNS] + [""]
@@ -105,7 +110,8 @@ def _print_plan(p) -> None:
             what = what_by_cause.get(o.cause, "cannot meet the SLO" if o.fits else "does not fit")
             echo_wrapped(f"{o.hw} tp{o.tp}: {what}: {o.reason}", "  ")
     click.echo(
-        "  ($ = cheapest, E = lowest energy; kW, kWh and J at the GPUs, costs and CO2 with PUE)"
+        "  ($ = cheapest, E = lowest energy, P = lowest-energy power cap of its hardware and tp;\n"
+        "   kW, kWh and J at the GPUs, costs and CO2 with PUE; ranges: the profiles' error bands)"
     )
     r = p.recommended
     if r is None:
@@ -122,9 +128,12 @@ def _print_plan(p) -> None:
     from ttcsim.cli import quiet
 
     notes = list(p.notes)
+    status = {o.hw: o.profile_status for o in p.options if o.profile_status}
     uncalibrated = [name for name, cal in p.calibrated_profiles.items() if not cal]
-    if uncalibrated:
-        notes.append(f"datasheet-default (not calibrated) profiles: {', '.join(uncalibrated)}")
+    for kind in ("transferred", "datasheet-default"):
+        names = [n for n in uncalibrated if status.get(n, "datasheet-default") == kind]
+        if names:
+            notes.append(f"{kind} (not calibrated) profiles: {', '.join(names)}")
     for text in notes if not quiet() else ():
         echo_wrapped(f"note: {text}", "  ")
 
@@ -276,6 +285,18 @@ def _print_plan(p) -> None:
     show_default=True,
     type=click.IntRange(0, 2**63 - 1),
     help="Seed of lengths and arrivals.",
+)
+@click.option(
+    "--power-limit-w",
+    default=None,
+    type=float,
+    help="What-if board power limit per GPU [W] for every option, down to the board's minimum.",
+)
+@click.option(
+    "--search-power-limit",
+    is_flag=True,
+    help="Also try power caps of 100 % down to 40 % of each board's limit; per hardware and "
+    "tp, P marks the cap with the lowest energy meeting the SLO.",
 )
 @click.option(
     "--engine",

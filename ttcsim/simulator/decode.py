@@ -295,17 +295,28 @@ def deterministic_decode(
 
 
 def decode_time_per_query_s(
-    c: PassCoefficients, prompt_tokens: float, output_tokens, samples_per_query: int
+    c: PassCoefficients,
+    prompt_tokens: float,
+    output_tokens,
+    samples_per_query: int,
+    shared_prefix: bool = False,
 ) -> np.ndarray:
     """Decode time until each query's last sample finishes [s], for known lengths.
 
     ``output_tokens`` is ordered query by query (``samples_per_query`` each).
-    Time does not depend on prefix sharing (every read takes bandwidth).
+    Unthrottled time does not depend on prefix sharing (every read takes
+    bandwidth), but a power-limited step does (shared reads cost less energy), so
+    the segments are priced as :func:`deterministic_decode` prices them: the last
+    query's finish is then exactly the batch's decode time.
     """
     lengths = np.asarray(output_tokens, dtype=float)
-    batch, first_ctx, seg_steps, _, steps = _segments(prompt_tokens, lengths, 1, False)
+    batch, first_ctx, seg_steps, groups, steps = _segments(
+        prompt_tokens, lengths, samples_per_query, shared_prefix
+    )
     n = steps.size
-    t, _, _ = segment_cost(c, batch, first_ctx, seg_steps)
+    t, _, _ = segment_cost(
+        c, batch, first_ctx, seg_steps, prompt_tokens if groups is not None else 0.0, groups
+    )
     cumulative = np.cumsum(t)
     last = np.maximum(lengths.reshape(-1, samples_per_query) - 1.0, 0.0).max(axis=1)
     idx = np.searchsorted(steps, last, side="right") - 1

@@ -214,7 +214,9 @@ def decode_phase(
         else:
             values = np.full(n, float(lengths.tokens))
         cost = deterministic_decode(c, prompt_tokens, values, samples, shared_prefix)
-        q_time = float(decode_time_per_query_s(c, prompt_tokens, values, samples).mean())
+        q_time = float(
+            decode_time_per_query_s(c, prompt_tokens, values, samples, shared_prefix).mean()
+        )
     elif isinstance(lengths, LengthDistribution):
         cost, q_time = expected_decode(
             c, prompt_tokens, lengths.survival_steps(), n, samples, shared_prefix
