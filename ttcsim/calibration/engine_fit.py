@@ -281,7 +281,8 @@ def fit_profiles(
             if a not in hold and b not in hold:
                 hold.add(a if norms[a] < norms[b] else b)
         if hold:
-            held = {n: start[n] for n in hold}
+            # held at the base value itself (a base 0 stays 0: nothing is invented)
+            held = {n: (before[n] if unset[n] else start[n]) for n in hold}
             free = [n for n in names if n not in hold]
             report.held_at_prior = sorted(hold)
             if free:

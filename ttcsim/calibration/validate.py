@@ -129,8 +129,16 @@ class RunComparison:
         return abs(self.tpot_s_pred - self.tpot_s) / self.tpot_s * 100.0
 
 
-def predicted_tpot_s(p: Prediction, run: RunRecord) -> float:
-    """Time per output token of a run's query: ``(latency - TTFT) / (mean length - 1)``."""
+def predicted_tpot_s(p: Prediction, run: RunRecord, engine=None) -> float:
+    """Time per output token of a run's query: ``(latency - TTFT) / (mean length - 1)``.
+
+    With a static padded batch (HF ``generate``) every row runs until the
+    longest ends, and the measured TPOT is the time per decode step:
+    ``(batch latency - TTFT) / (max length - 1)``.
+    """
+    if record_engine(run, engine).batching.policy == "static-padded":
+        max_len = float(np.max(run.output_tokens))
+        return (p.batch_latency_s - p.ttft_s) / max(max_len - 1.0, 1.0)
     mean_len = float(np.mean(run.output_tokens))
     return (p.latency_s - p.ttft_s) / max(mean_len - 1.0, 1.0)
 
@@ -152,7 +160,7 @@ def compare_run(run: RunRecord, profile: HardwareProfile, engine=None) -> RunCom
         latency_s=run.latency_s,
         latency_s_pred=p.batch_latency_s,
         tpot_s=run.tpot_s,
-        tpot_s_pred=predicted_tpot_s(p, run) if run.tpot_s is not None else None,
+        tpot_s_pred=predicted_tpot_s(p, run, engine) if run.tpot_s is not None else None,
     )
 
 
